@@ -1,0 +1,67 @@
+"""k8s, standard and faas: the target is the URL the caller names in AEnvCore-MCPProxy-URL."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from yarl import URL
+
+from gateway.engines import Target
+from gateway.errors import MalformedHeader, MissingHeader
+from gateway.headers import MCP_PROXY_URL
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyUrlEngine:
+    """Forwards to scheme://host:port[/prefix] from the header; path and query pass byte for byte."""
+
+    name: str
+    routing_headers: tuple[str, ...] = (MCP_PROXY_URL,)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ProxyUrlEngine:
+        return cls(name=settings.schedule_type)
+
+    def resolve(self, headers: Mapping[str, str], raw_path_qs: str) -> Target:
+        value = headers.get(MCP_PROXY_URL, "").strip()
+        if not value:
+            raise MissingHeader(MCP_PROXY_URL)
+        return Target(url=join_path(parse_proxy_url(value), raw_path_qs))
+
+
+def parse_proxy_url(value: str) -> URL:
+    """The header's URL, checked: http(s), a host, a valid port, no credentials."""
+    try:
+        url = URL(value)
+        port = url.port
+    except (ValueError, TypeError) as exc:
+        raise MalformedHeader(MCP_PROXY_URL, f"is not a valid URL: {exc}") from exc
+    if url.scheme not in ("http", "https"):
+        raise MalformedHeader(MCP_PROXY_URL, "must be an http:// or https:// URL, like http://10.1.2.3:8081")
+    if not url.raw_host:
+        raise MalformedHeader(MCP_PROXY_URL, "must name a host, like http://10.1.2.3:8081")
+    if not port:
+        raise MalformedHeader(MCP_PROXY_URL, "must have a port between 1 and 65535")
+    if url.raw_user is not None or url.raw_password is not None:
+        raise MalformedHeader(MCP_PROXY_URL, "must not carry credentials; send them in a header")
+    return url
+
+
+def join_path(base: URL, raw_path_qs: str) -> URL:
+    """base's origin and path prefix, then the downstream path and query exactly as received.
+
+    A query on the base URL comes first, as Go's httputil.ReverseProxy merges them.
+    """
+    if not raw_path_qs.startswith("/"):  # absolute-form request target (RFC 9112 §3.2.2)
+        raw_path_qs = URL(raw_path_qs).raw_path_qs if "://" in raw_path_qs else "/"
+    path, sep, query = raw_path_qs.partition("?")
+    prefix = base.raw_path.rstrip("/")
+    if base.raw_query_string:
+        query = f"{base.raw_query_string}&{query}" if sep else base.raw_query_string
+        sep = "?"
+    return URL(f"{base.origin()}{prefix}{path}{sep}{query}", encoded=True)

@@ -1,0 +1,113 @@
+"""The failures the gateway answers itself, and the one place upstream client errors are mapped.
+
+    ConfigError                 bad settings: startup stops (exit code 2), never a response
+    GatewayError                answered as JSON before any response byte was sent
+    ├── MissingHeader           400  the engine's routing header is absent
+    ├── MalformedHeader         400  a routing header is present but unusable
+    ├── UpstreamUnreachable     502  refused, reset or unresolvable before a response
+    ├── UpstreamBroken          502  the upstream answered with something that is not HTTP
+    └── UpstreamTimeout         504  no connection or no response headers in time
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from yarl import URL
+
+log = structlog.get_logger(__name__)
+
+
+class ConfigError(Exception):
+    """A setting is missing or wrong; the message names it."""
+
+
+class BadUpstreamResponse(Exception):
+    """Raised by a transport: the upstream sent something that is not a valid HTTP response."""
+
+
+class GatewayError(Exception):
+    """A failure we answer ourselves, as JSON, before any response byte was sent."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.message, "code": self.code}
+
+
+class MissingHeader(GatewayError):
+    status = 400
+    code = "missing_header"
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"{name} header is required")
+
+
+class MalformedHeader(GatewayError):
+    status = 400
+    code = "malformed_header"
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name} header {problem}")
+
+
+class UpstreamUnreachable(GatewayError):
+    status = 502
+    code = "upstream_unreachable"
+
+
+class UpstreamBroken(GatewayError):
+    status = 502
+    code = "upstream_bad_response"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    code = "upstream_timeout"
+
+
+def authority(url: URL) -> str:
+    """host:port of a target, the only part of it an error message or log line shows."""
+    host = f"[{url.host}]" if url.host and ":" in url.host else url.host
+    return f"{host}:{url.port}"
+
+
+@contextmanager
+def upstream_errors(url: URL) -> Iterator[None]:
+    """Turn a transport's failures before the response into gateway errors; the only place that does."""
+    where = authority(url)
+    try:
+        yield
+    except TimeoutError as exc:
+        raise UpstreamTimeout(f"upstream {where} did not answer in time") from exc
+    except BadUpstreamResponse as exc:
+        raise UpstreamBroken(f"upstream {where} sent an invalid HTTP response") from exc
+    except ConnectionRefusedError as exc:
+        raise UpstreamUnreachable(f"cannot connect to upstream {where}: connection refused") from exc
+    except socket.gaierror as exc:
+        raise UpstreamUnreachable(f"cannot resolve upstream host {url.host}") from exc
+    except OSError as exc:
+        reason = os.strerror(exc.errno) if exc.errno else str(exc) or exc.__class__.__name__
+        raise UpstreamUnreachable(f"upstream {where} failed: {reason}") from exc
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Answer every GatewayError as JSON with its status, and log it once."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        log.warning("request_refused", code=exc.code, status=exc.status, error=exc.message)
+        return web.json_response(exc.body(), status=exc.status)

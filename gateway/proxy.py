@@ -1,0 +1,111 @@
+"""The data-plane handler: resolve the target, make one upstream call, stream both bodies.
+
+Chooses no targets (engines do), edits no header lists inline (headers does) and speaks to the
+upstream only through the UpstreamClient interface (upstream does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Final
+
+import structlog
+from aiohttp import web
+
+from gateway import sse
+from gateway.config import Settings
+from gateway.engines import Engine, Target
+from gateway.errors import authority, upstream_errors
+from gateway.headers import (
+    CONTENT_TYPE,
+    downstream_response_headers,
+    is_event_stream,
+    upstream_request_headers,
+)
+from gateway.upstream import Body, UpstreamClient, UpstreamResponse
+
+log = structlog.get_logger(__name__)
+
+ENGINE: Final = web.AppKey("engine", Engine)
+SETTINGS: Final = web.AppKey("settings", Settings)
+UPSTREAM: Final = web.AppKey("upstream", UpstreamClient)
+
+# Bodies up to this size are read whole and sent in one write; larger ones stream.
+SMALL_BODY_BYTES: Final = 64 * 1024
+
+
+async def handle(request: web.Request) -> web.StreamResponse:
+    engine = request.app[ENGINE]
+    if request.path == "/health" and request.method == "GET" and not _is_routed(request, engine):
+        return web.json_response({"status": "ok", "engine": engine.name})
+
+    target = engine.resolve(request.headers, request.raw_path)
+    settings = request.app[SETTINGS]
+    upstream_headers = upstream_request_headers(request.headers, target.added_headers)
+    with upstream_errors(target.url):
+        async with asyncio.timeout(settings.idle_timeout_s):
+            upstream_response = await request.app[UPSTREAM].request(
+                request.method, target.url, upstream_headers, await _request_body(request)
+            )
+    try:
+        return await _relay_response(request, target, upstream_response, settings)
+    except ConnectionResetError:  # the downstream went away mid-response: nobody left to answer
+        log.info("downstream_gone")
+        raise
+    finally:
+        upstream_response.release()
+
+
+def _is_routed(request: web.Request, engine: Engine) -> bool:
+    return any(name in request.headers for name in engine.routing_headers)
+
+
+async def _request_body(request: web.Request) -> Body:
+    """Small bodies whole (one write upstream), large or unknown-length ones as a stream."""
+    if not request.body_exists:
+        return None
+    length = request.content_length
+    if length is not None and length <= SMALL_BODY_BYTES:
+        return await request.read()
+    return _stream(request)
+
+
+async def _stream(request: web.Request) -> AsyncIterator[bytes]:
+    async for chunk in request.content.iter_any():
+        yield chunk
+
+
+async def _relay_response(
+    request: web.Request, target: Target, upstream_response: UpstreamResponse, settings: Settings
+) -> web.StreamResponse:
+    # The status line goes on the wire at prepare(): from here on a failure is logged and ends
+    # the response, and never becomes a JSON error.
+    downstream_response = web.StreamResponse(
+        status=upstream_response.status,
+        reason=upstream_response.reason,
+        headers=downstream_response_headers(upstream_response.headers),
+    )
+    await downstream_response.prepare(request)
+    if is_event_stream(upstream_response.headers.get(CONTENT_TYPE)):
+        await sse.relay(upstream_response, downstream_response)
+        return downstream_response
+    while True:
+        try:
+            async with asyncio.timeout(settings.idle_timeout_s):
+                chunk = await upstream_response.read_chunk()
+        except (TimeoutError, OSError) as exc:
+            log.warning("upstream_body_failed", upstream=authority(target.url), error=exc.__class__.__name__)
+            _abort(request)
+            return downstream_response
+        if not chunk:
+            break
+        await downstream_response.write(chunk)
+    await downstream_response.write_eof()
+    return downstream_response
+
+
+def _abort(request: web.Request) -> None:
+    """Close the downstream connection mid-body, so the client cannot take a truncated reply as whole."""
+    if request.transport is not None:
+        request.transport.abort()

@@ -1,0 +1,28 @@
+"""Relaying text/event-stream: each chunk is written the moment it arrives, never parsed or held.
+
+No idle limit applies (streams sit quiet between events). An upstream that ends or breaks ends
+the downstream stream cleanly; a downstream that leaves ends the relay (the handler is cancelled).
+"""
+
+from __future__ import annotations
+
+import structlog
+from aiohttp import web
+
+from gateway.upstream import UpstreamResponse
+
+log = structlog.get_logger(__name__)
+
+
+async def relay(upstream_response: UpstreamResponse, downstream_response: web.StreamResponse) -> None:
+    """Pump upstream bytes into an already prepared downstream response until either side ends."""
+    while True:
+        try:
+            chunk = await upstream_response.read_chunk()
+        except OSError as exc:
+            log.info("sse_upstream_broke", error=exc.__class__.__name__)
+            break
+        if not chunk:
+            break
+        await downstream_response.write(chunk)  # raises ConnectionResetError once the client left
+    await downstream_response.write_eof()

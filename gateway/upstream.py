@@ -1,0 +1,99 @@
+"""The upstream transport: one small interface the proxy speaks, and its aiohttp implementation.
+
+The proxy never touches a client library directly; a transport sends one request and hands back
+the status, headers and a body to pull chunk by chunk. Failures are raised as builtin OSError,
+TimeoutError or BadUpstreamResponse, which errors.upstream_errors maps to gateway errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterable, Mapping
+from typing import TYPE_CHECKING, Final, Protocol
+
+import aiohttp
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from gateway.errors import BadUpstreamResponse
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
+
+Body = bytes | AsyncIterable[bytes] | None
+
+
+class UpstreamResponse(Protocol):
+    status: int
+    reason: str
+    headers: CIMultiDictProxy[str]
+
+    async def read_chunk(self) -> bytes:
+        """The next body bytes as they arrive; b"" at the end. Raises OSError if the body breaks."""
+
+    def release(self) -> None:
+        """Give the connection back to the pool, or close it if the body was not read to the end."""
+
+
+class UpstreamClient(Protocol):
+    async def request(
+        self, method: str, url: URL, headers: Mapping[str, str], body: Body
+    ) -> UpstreamResponse: ...
+
+    async def close(self) -> None: ...
+
+
+# aiohttp adds these to every client request unless told not to; a proxy must not invent them.
+_AIOHTTP_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+
+
+class AiohttpResponse:
+    __slots__ = ("_response", "headers", "reason", "status")
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+        self.status = response.status
+        self.reason = response.reason or ""
+        self.headers = response.headers
+
+    async def read_chunk(self) -> bytes:
+        try:
+            return await self._response.content.readany()
+        except aiohttp.ClientPayloadError as exc:
+            raise ConnectionResetError(f"upstream body broke: {exc}") from exc
+
+    def release(self) -> None:
+        self._response.release()
+
+
+class AiohttpClient:
+    """The transport on aiohttp's client: an unlimited pool, no decompression, cookies or redirects."""
+
+    def __init__(self, settings: Settings) -> None:
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=10)
+        self._session = aiohttp.ClientSession(
+            connector=connector,
+            auto_decompress=False,
+            cookie_jar=aiohttp.DummyCookieJar(),
+            skip_auto_headers=_AIOHTTP_AUTO_HEADERS,
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s, sock_read=None),
+            trust_env=False,
+            max_field_size=65536,
+        )
+
+    async def request(self, method: str, url: URL, headers: Mapping[str, str], body: Body) -> AiohttpResponse:
+        try:
+            response = await self._session.request(
+                method, url, headers=headers, data=body, allow_redirects=False
+            )
+        except aiohttp.ClientConnectorError as exc:
+            raise exc.os_error from exc
+        except aiohttp.ServerDisconnectedError as exc:
+            raise ConnectionResetError("upstream closed the connection before responding") from exc
+        except aiohttp.ClientResponseError as exc:
+            raise BadUpstreamResponse(exc.message) from exc
+        except aiohttp.ClientOSError as exc:
+            raise ConnectionResetError(str(exc)) from exc
+        return AiohttpResponse(response)
+
+    async def close(self) -> None:
+        await self._session.close()

@@ -1,0 +1,54 @@
+"""Shared fixtures: a recording upstream on 127.0.0.1 and settings factories."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from aiohttp import web
+from multidict import CIMultiDict
+from pytest_aiohttp import AiohttpServer
+from yarl import URL
+
+from gateway.config import Settings
+
+
+def gateway_settings(**overrides: Any) -> Settings:
+    """Settings for a gateway under test: loopback, ephemeral ports, short timeouts."""
+    base = Settings(host="127.0.0.1", port=0, admin_port=0, connect_timeout_s=2.0, idle_timeout_s=10.0)
+    return dataclasses.replace(base, **overrides)
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """One request as the upstream received it."""
+
+    method: str
+    path_qs: str
+    headers: CIMultiDict[str]
+    body: bytes
+
+
+@dataclass(slots=True)
+class Upstream:
+    url: URL
+    seen: list[Seen] = field(default_factory=list)
+
+
+@pytest.fixture
+async def upstream(aiohttp_server: AiohttpServer) -> Upstream:
+    """An upstream that records every request and answers {"ok": true}."""
+    recorder = Upstream(url=URL("http://127.0.0.1"))
+
+    async def record(request: web.Request) -> web.Response:
+        body = await request.read()
+        recorder.seen.append(Seen(request.method, request.raw_path, request.headers.copy(), body))
+        return web.json_response({"ok": True})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", record)
+    server = await aiohttp_server(app)
+    recorder.url = server.make_url("")
+    return recorder
