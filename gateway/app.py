@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Final
 
 from aiohttp import web
 
@@ -12,6 +13,17 @@ from gateway.config import Settings
 from gateway.engines import Engine, build_engine
 from gateway.errors import error_middleware
 from gateway.upstream import AiohttpClient
+
+# How the data plane must be served (AppRunner / TestServer keyword arguments):
+# - handler_cancellation: web.run_app and AppRunner leave it off, and then a handler relaying a silent
+#   SSE stream never learns that its downstream went away.
+# - auto_decompress: aiohttp's server inflates gzip request bodies by default; we forward bytes as sent.
+# - access_log: one structured line per request is ours to write, not aiohttp's.
+GATEWAY_SERVER_OPTIONS: Final[Mapping[str, Any]] = {
+    "handler_cancellation": True,
+    "auto_decompress": False,
+    "access_log": None,
+}
 
 
 def build_gateway_app(settings: Settings, engine: Engine | None = None) -> web.Application:

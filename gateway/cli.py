@@ -12,7 +12,7 @@ import structlog
 from aiohttp import web
 
 from gateway.admin import Readiness
-from gateway.app import build_admin_app, build_gateway_app
+from gateway.app import GATEWAY_SERVER_OPTIONS, build_admin_app, build_gateway_app
 from gateway.config import Settings, load_settings
 from gateway.engines import Engine, build_engine
 from gateway.errors import ConfigError
@@ -25,9 +25,7 @@ async def serve(settings: Settings, engine: Engine) -> None:
     """Serve the proxy and admin ports until SIGTERM or SIGINT."""
     readiness = Readiness()
     gateway_app = build_gateway_app(settings, engine)
-    # web.run_app and AppRunner leave handler_cancellation off: without it a handler relaying a
-    # silent SSE stream never learns that its downstream went away.
-    gateway_runner = web.AppRunner(gateway_app, handler_cancellation=True, access_log=None)
+    gateway_runner = web.AppRunner(gateway_app, **GATEWAY_SERVER_OPTIONS)
     admin_runner = web.AppRunner(build_admin_app(readiness), access_log=None)
     await gateway_runner.setup()
     await admin_runner.setup()

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from multidict import CIMultiDict
-from pytest_aiohttp import AiohttpServer
+from pytest_aiohttp import AiohttpClient, AiohttpServer
 from yarl import URL
 
+from gateway.app import GATEWAY_SERVER_OPTIONS, build_gateway_app
 from gateway.config import Settings
 
 
@@ -19,6 +21,18 @@ def gateway_settings(**overrides: Any) -> Settings:
     """Settings for a gateway under test: loopback, ephemeral ports, short timeouts."""
     base = Settings(host="127.0.0.1", port=0, admin_port=0, connect_timeout_s=2.0, idle_timeout_s=10.0)
     return dataclasses.replace(base, **overrides)
+
+
+# TestServer always sets handler_cancellation itself, and drops server options given to its constructor:
+# they must go to start_server().
+SERVER_OPTIONS: Final = {k: v for k, v in GATEWAY_SERVER_OPTIONS.items() if k != "handler_cancellation"}
+
+
+async def serve_gateway(aiohttp_client: AiohttpClient, **overrides: Any) -> TestClient[web.Request, web.Application]:
+    """The gateway app on 127.0.0.1, served as the CLI serves it, and a client that never decompresses."""
+    server = TestServer(build_gateway_app(gateway_settings(**overrides)))
+    await server.start_server(**SERVER_OPTIONS)
+    return await aiohttp_client(server, auto_decompress=False)
 
 
 @dataclass(frozen=True, slots=True)

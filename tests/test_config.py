@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from gateway.config import Settings, load_settings
+from gateway.errors import ConfigError
+
+
+def test_defaults_match_the_design() -> None:
+    settings = load_settings([], {})
+    assert (settings.host, settings.port, settings.admin_port, settings.schedule_type, settings.arca_data_plane) == (
+        "0.0.0.0", 8081, 8082, "k8s", "reject")
+
+
+def test_flag_beats_environment_beats_file_beats_default(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('port = 7001\nadmin_port = 7002\nschedule_type = "faas"\nhost = "127.0.0.3"\n')
+    environ = {"GATEWAY_CONFIG": str(config), "GATEWAY_PORT": "7101", "GATEWAY_ADMIN_PORT": "7102"}
+
+    settings = load_settings(["--port", "7201"], environ)
+
+    assert (settings.port, settings.admin_port, settings.schedule_type, settings.host, settings.config_path) == (
+        7201, 7102, "faas", "127.0.0.3", str(config))
+
+
+def test_config_flag_beats_config_env(tmp_path: Path) -> None:
+    chosen, ignored = tmp_path / "a.toml", tmp_path / "b.toml"
+    chosen.write_text("port = 1\n")
+    ignored.write_text("port = 2\n")
+    assert load_settings(["--config", str(chosen)], {"GATEWAY_CONFIG": str(ignored)}).port == 1
+
+
+def test_shipped_config_file_loads() -> None:
+    settings = load_settings(["--config", "config/gateway.toml"], {})
+    assert (settings.port, settings.admin_port, settings.schedule_type) == (8081, 8082, "k8s")
+
+
+@pytest.mark.parametrize(("argv", "environ", "message"), [
+    (["--port", "abc"], {}, "--port: 'abc' from --port is not valid"),
+    (["--port", "70000"], {}, "--port: '70000' from --port must be between 0 and 65535"),
+    ([], {"GATEWAY_ADMIN_PORT": "-1"}, "--admin-port: '-1' from GATEWAY_ADMIN_PORT must be between 0 and 65535"),
+    (["--schedule-type", "nomad"], {}, "--schedule-type: 'nomad' from --schedule-type must be one of arca, faas"),
+    ([], {"GATEWAY_SCHEDULE_TYPE": "K8S"}, "--schedule-type: 'K8S' from GATEWAY_SCHEDULE_TYPE must be one of"),
+    (["--connect-timeout", "0"], {}, "--connect-timeout: '0' from --connect-timeout must be greater than 0"),
+    (["--arca-base-url", "ftp://x"], {}, "--arca-base-url: 'ftp://x' from --arca-base-url must be an http"),
+    (["--nope"], {}, "unrecognized arguments: --nope"),
+    (["--config", "/nonexistent.toml"], {}, "--config: cannot read /nonexistent.toml"),
+])
+def test_bad_settings_name_the_setting(argv: list[str], environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(argv, environ)
+    assert str(caught.value).startswith(message)
+    assert "\n" not in str(caught.value)
+
+
+def test_config_file_errors_name_the_file_and_key(tmp_path: Path) -> None:
+    config = tmp_path / "g.toml"
+    config.write_text("prot = 1\n")
+    with pytest.raises(ConfigError, match=r"has unknown setting\(s\) prot"):
+        load_settings(["--config", str(config)], {})
+    config.write_text("port = \n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_settings(["--config", str(config)], {})
+    config.write_text('port = "x"\n')
+    with pytest.raises(ConfigError, match=rf"--port: 'x' from port in {config} is not valid"):
+        load_settings(["--config", str(config)], {})
+
+
+def test_secret_values_never_appear_in_errors_or_repr() -> None:
+    settings = load_settings(["--arca-api-key", "sekrit-key"], {})
+    assert "sekrit-key" not in repr(settings)
+    assert isinstance(settings, Settings)
+
+
+@given(st.text(max_size=12))
+def test_any_port_string_either_parses_or_names_the_flag(raw: str) -> None:
+    try:
+        port = load_settings(["--port=" + raw], {}).port
+    except ConfigError as exc:
+        assert str(exc).startswith(("--port", "argument --port", "expected one argument"))
+    else:
+        assert 0 <= port <= 65535
