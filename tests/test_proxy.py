@@ -202,12 +202,14 @@ async def serve_raw(reply: bytes | None, *, delay_s: float = 0.0) -> tuple[async
     """A raw TCP upstream that reads the request head, waits, sends reply (None: just close)."""
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        await asyncio.sleep(delay_s)
-        if reply:
-            writer.write(reply)
-            await writer.drain()
-        writer.close()
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            await asyncio.sleep(delay_s)
+            if reply:
+                writer.write(reply)
+                await writer.drain()
+        finally:
+            writer.close()
 
     server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
     return server, server.sockets[0].getsockname()[1]
