@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -33,6 +35,19 @@ async def serve_gateway(aiohttp_client: AiohttpClient, **overrides: Any) -> Test
     server = TestServer(build_gateway_app(gateway_settings(**overrides)))
     await server.start_server(**SERVER_OPTIONS)
     return await aiohttp_client(server, auto_decompress=False)
+
+
+@asynccontextmanager
+async def running(app: web.Application, **server_options: Any) -> AsyncIterator[URL]:
+    """Serve app on 127.0.0.1 with a real AppRunner, as cli.py does; yields its base URL."""
+    runner = web.AppRunner(app, **server_options)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        host, port = runner.addresses[0][:2]
+        yield URL.build(scheme="http", host=host, port=port)
+    finally:
+        await runner.cleanup()
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,153 @@
+"""Server-Sent Events through the gateway: event by event, on any method, ending with either side."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+from aiohttp import ClientSession, web
+from aiohttp.test_utils import TestServer
+from pytest_aiohttp import AiohttpClient, AiohttpServer
+
+from gateway.app import GATEWAY_SERVER_OPTIONS, build_gateway_app
+from gateway.headers import MCP_PROXY_URL
+from tests.conftest import gateway_settings, running, serve_gateway
+
+INTERVAL_S = 0.2
+
+
+def event(n: int) -> bytes:
+    return f"id: {n}\nevent: message\ndata: {{\"jsonrpc\": \"2.0\", \"method\": \"notify\", \"n\": {n}}}\n\n".encode()
+
+
+async def paced_upstream(aiohttp_server: AiohttpServer, sent_at: list[float], count: int = 5) -> TestServer:
+    async def stream(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(request)
+        for n in range(count):
+            if n:
+                await asyncio.sleep(INTERVAL_S)
+            sent_at.append(time.monotonic())
+            await response.write(event(n))
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", stream)
+    return await aiohttp_server(app)
+
+
+@pytest.mark.parametrize(("method", "path"), [("GET", "/sse"), ("POST", "/mcp"), ("GET", "/mcp")])
+async def test_each_event_arrives_before_the_next_is_sent(
+    aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer, method: str, path: str
+) -> None:
+    sent_at: list[float] = []
+    server = await paced_upstream(aiohttp_server, sent_at)
+    gateway = await serve_gateway(aiohttp_client)
+    arrived: list[tuple[float, bytes]] = []
+
+    async with asyncio.timeout(10):
+        resp = await gateway.request(method, path, data=b'{"jsonrpc": "2.0"}' if method == "POST" else None,
+                                     headers={MCP_PROXY_URL: str(server.make_url(""))})
+        buffer = b""
+        async for chunk in resp.content.iter_any():
+            buffer += chunk
+            while b"\n\n" in buffer:
+                one, buffer = buffer.split(b"\n\n", 1)
+                arrived.append((time.monotonic(), one + b"\n\n"))
+
+    assert resp.headers["Content-Type"] == "text/event-stream"
+    assert [body for _, body in arrived] == [event(n) for n in range(5)]
+    delays_ms = [round((at - sent) * 1000) for (at, _), sent in zip(arrived, sent_at, strict=True)]
+    # The next event is sent 200 ms later; arriving within half of that is "well before".
+    assert max(delays_ms) < INTERVAL_S * 1000 / 2, delays_ms
+
+
+async def silent_upstream(
+    aiohttp_server: AiohttpServer, *, tick_s: float | None = None
+) -> tuple[TestServer, asyncio.Event]:
+    """Sends one event, then stays quiet (or ticks every tick_s); sets the event when its client leaves."""
+    gone = asyncio.Event()
+
+    async def stream(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(event(0))
+        try:
+            while True:
+                await asyncio.sleep(tick_s or 30)
+                await response.write(b": tick\n\n")
+        except (asyncio.CancelledError, ConnectionResetError):
+            gone.set()
+            raise
+        return response
+
+    app = web.Application()
+    app.router.add_get("/sse", stream)
+    return await aiohttp_server(app), gone
+
+
+async def test_client_leaving_a_silent_stream_closes_the_upstream_promptly(
+    aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer
+) -> None:
+    server, upstream_gone = await silent_upstream(aiohttp_server)
+    gateway = await serve_gateway(aiohttp_client)
+
+    resp = await gateway.get("/sse", headers={MCP_PROXY_URL: str(server.make_url(""))})
+    assert await resp.content.readuntil(b"\n\n") == event(0)
+    resp.close()  # drops the connection
+
+    async with asyncio.timeout(3):
+        await upstream_gone.wait()
+
+
+async def test_without_handler_cancellation_the_relay_stops_at_the_next_write(aiohttp_server: AiohttpServer) -> None:
+    # What production would do if cli.py forgot handler_cancellation=True: the silent stream is only
+    # noticed when the next bytes fail to write. The gateway still releases the upstream then.
+    server, upstream_gone = await silent_upstream(aiohttp_server, tick_s=0.3)
+    options = {**GATEWAY_SERVER_OPTIONS, "handler_cancellation": False}
+
+    async with running(build_gateway_app(gateway_settings()), **options) as gateway_url, ClientSession() as client:
+        resp = await client.get(gateway_url / "sse", headers={MCP_PROXY_URL: str(server.make_url(""))})
+        assert await resp.content.readuntil(b"\n\n") == event(0)
+        resp.close()
+
+        async with asyncio.timeout(5):
+            await upstream_gone.wait()
+
+
+async def test_upstream_ending_mid_stream_ends_the_client_stream_cleanly(
+    aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer
+) -> None:
+    sent_at: list[float] = []
+    server = await paced_upstream(aiohttp_server, sent_at, count=2)
+    gateway = await serve_gateway(aiohttp_client)
+
+    async with asyncio.timeout(5):
+        resp = await gateway.get("/sse", headers={MCP_PROXY_URL: str(server.make_url(""))})
+        body = await resp.read()
+
+    assert body == event(0) + event(1)
+
+
+async def test_upstream_reset_mid_stream_ends_the_client_stream_after_the_last_event(
+    aiohttp_client: AiohttpClient,
+) -> None:
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        first = event(0)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     + f"{len(first):x}\r\n".encode() + first + b"\r\n")
+        await writer.drain()
+        writer.transport.abort()  # no terminating chunk: a broken stream
+
+    raw_server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = raw_server.sockets[0].getsockname()[1]
+    gateway = await serve_gateway(aiohttp_client)
+    async with raw_server, asyncio.timeout(5):
+        resp = await gateway.get("/sse", headers={MCP_PROXY_URL: f"http://127.0.0.1:{port}"})
+        body = await resp.read()
+
+    assert (resp.status, body) == (200, event(0))
