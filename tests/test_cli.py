@@ -25,9 +25,11 @@ def test_bad_environment_value_and_unknown_engine_are_refused() -> None:
     bad_env = run_gateway_command([], env={"GATEWAY_SCHEDULE_TYPE": "nomad"})
     unknown_flag = run_gateway_command(["--bogus"])
 
-    assert (bad_env.returncode, bad_env.stderr) == (2, "mcp-gateway: error: --schedule-type: 'nomad' from "
-                                                       "GATEWAY_SCHEDULE_TYPE must be one of arca, faas, k8s, standard\n")
-    assert (unknown_flag.returncode, unknown_flag.stderr) == (2, "mcp-gateway: error: unrecognized arguments: --bogus\n")
+    assert (bad_env.returncode, bad_env.stderr) == (
+        2, "mcp-gateway: error: --schedule-type: 'nomad' from GATEWAY_SCHEDULE_TYPE must be one of arca, faas, "
+           "k8s, standard\n")
+    assert (unknown_flag.returncode, unknown_flag.stderr) == (
+        2, "mcp-gateway: error: unrecognized arguments: --bogus\n")
 
 
 def test_port_in_use_is_one_line_and_exit_2() -> None:
