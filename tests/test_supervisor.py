@@ -201,7 +201,8 @@ async def test_both_workers_serve_and_a_killed_worker_is_replaced(
 
     assert answers == [(200, b'{"ok": true}')] * 20
     [died] = await supervised.wait_for("worker_died")
-    assert (died["pid"], died["returncode"], died["restart_in_s"]) == (victim, -signal.SIGKILL, 0.5)
+    assert (died["pid"], died["returncode"]) == (victim, -signal.SIGKILL)
+    assert died["restart_in_s"] in (0.5, 0.0)  # 0.0 if a loaded machine took 10 s to get here
     await supervised.wait_for("gateway_started", count=3)
     replacement = supervised.worker_pids()[2]
     assert children_of(supervised.process.pid) == {survivor, replacement}
