@@ -55,7 +55,7 @@ def _workers(raw: str) -> int:
     """A count of worker processes, or "auto": one per CPU this process may run on."""
     if raw == "auto":
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if not raw.isdigit() or not 1 <= int(raw) <= 1024:
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 1024:
         raise ValueError("must be a whole number from 1 to 1024, or auto")
     return int(raw)
 

@@ -23,6 +23,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
 from pytest_aiohttp import AiohttpServer
 
 from gateway.config import load_settings
@@ -267,6 +269,15 @@ def test_workers_on_a_port_in_use_exits_2_before_starting_any() -> None:
 def test_workers_refuses_anything_but_a_count_or_auto(raw: str) -> None:
     with pytest.raises(ConfigError, match=r"^--workers: .* must be a whole number from 1 to 1024, or auto$"):
         load_settings(["--workers", raw], {})
+
+
+@given(raw=st.text(max_size=6) | st.integers(-5, 2000).map(str))
+def test_workers_takes_a_count_from_1_to_1024_or_auto_and_nothing_else(raw: str) -> None:
+    if raw == "auto" or (raw.isascii() and raw.isdigit() and 1 <= int(raw) <= 1024):
+        assert load_settings([f"--workers={raw}"], {}).workers >= 1
+    else:
+        with pytest.raises(ConfigError, match=r"^--workers: .* must be a whole number from 1 to 1024, or auto$"):
+            load_settings([f"--workers={raw}"], {})
 
 
 def test_workers_auto_is_the_cpus_this_process_may_use() -> None:
