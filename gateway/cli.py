@@ -17,12 +17,13 @@ from gateway.config import Settings, load_settings
 from gateway.engines import Engine, build_engine
 from gateway.errors import ConfigError
 from gateway.log import configure_logging
+from gateway.supervisor import SUPERVISOR_PID_ENV, supervise
 
 log = structlog.get_logger(__name__)
 
 
-async def serve(settings: Settings, engine: Engine) -> None:
-    """Serve the proxy and admin ports until SIGTERM or SIGINT."""
+async def serve(settings: Settings, engine: Engine, reuse_port: bool = False) -> None:
+    """Serve the proxy and admin ports until SIGTERM or SIGINT; reuse_port when a supervisor runs several."""
     readiness = Readiness()
     gateway_app = build_gateway_app(settings, engine)
     gateway_runner = web.AppRunner(gateway_app, **GATEWAY_SERVER_OPTIONS)
@@ -30,8 +31,8 @@ async def serve(settings: Settings, engine: Engine) -> None:
     await gateway_runner.setup()
     await admin_runner.setup()
     try:
-        await web.TCPSite(gateway_runner, settings.host, settings.port, backlog=1024).start()
-        await web.TCPSite(admin_runner, settings.host, settings.admin_port).start()
+        await web.TCPSite(gateway_runner, settings.host, settings.port, backlog=1024, reuse_port=reuse_port).start()
+        await web.TCPSite(admin_runner, settings.host, settings.admin_port, reuse_port=reuse_port).start()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -70,8 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging()
     try:
+        if settings.workers > 1:
+            return supervise(settings, argv, os.environ)
         with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
-            runner.run(serve(settings, engine))
+            runner.run(serve(settings, engine, reuse_port=SUPERVISOR_PID_ENV in os.environ))
     except OSError as exc:  # a port already in use, an address we cannot bind
         print(f"mcp-gateway: error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ Precedence is flag > environment > config file > default (DESIGN.md §2). Pure: 
 from __future__ import annotations
 
 import argparse
+import os
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -31,6 +32,8 @@ class Settings:
     arca_data_plane: str = "reject"
     connect_timeout_s: float = 5.0
     idle_timeout_s: float = 300.0
+    workers: int = 1
+    metrics_multiproc_dir: str | None = None
     config_path: str | None = None
 
 
@@ -46,6 +49,15 @@ def _positive_float(raw: str) -> float:
     if not value > 0:
         raise ValueError("must be greater than 0")
     return value
+
+
+def _workers(raw: str) -> int:
+    """A count of worker processes, or "auto": one per CPU this process may run on."""
+    if raw == "auto":
+        return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 1024:
+        raise ValueError("must be a whole number from 1 to 1024, or auto")
+    return int(raw)
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
@@ -90,6 +102,10 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("connect_timeout_s", "GATEWAY_CONNECT_TIMEOUT", _positive_float, "seconds to connect upstream (504 after)"),
     Option("idle_timeout_s", "GATEWAY_IDLE_TIMEOUT", _positive_float,
            "seconds without a byte from the upstream on a non-SSE response (504 before it starts)"),
+    Option("workers", "GATEWAY_WORKERS", _workers,
+           "worker processes sharing the ports (auto: one per CPU; above 1 a supervisor runs them)"),
+    Option("metrics_multiproc_dir", "GATEWAY_METRICS_MULTIPROC_DIR", str,
+           "directory where worker processes share metrics (set by the --workers supervisor)"),
 )
 _DEFAULTS: Final = Settings()
 _FIELD_NAMES: Final = frozenset(f.name for f in fields(Settings))
