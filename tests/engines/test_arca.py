@@ -216,7 +216,8 @@ def test_path_and_query_are_appended_byte_for_byte(
     path_qs = "/" + "/".join(path) + ("" if query is None else f"?{query}")
     target = proxy_engine(base).resolve(CIMultiDict({ENV_INSTANCE_ID: instance_id}), path_qs)
     sandbox = "".join(f"/{part}" for part in prefix) + f"/arca/api/v1/sandbox/{instance_id}"
-    assert target.url.raw_path_qs == f"{sandbox}{path_qs}".removesuffix("?")
+    # yarl drops the "?" of an empty query, as the other engines' join_path does
+    assert target.url.raw_path_qs == sandbox + "/" + "/".join(path) + (f"?{query}" if query else "")
     assert target.url.origin() == URL("http://arca.internal:8080")
 
 
