@@ -21,6 +21,7 @@ import aiohttp
 import httpx2
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestClient
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from pytest_aiohttp import AiohttpClient, AiohttpServer
@@ -67,7 +68,8 @@ async def arca(aiohttp_server: AiohttpServer) -> FakeArca:
     return fake
 
 
-def arca_settings(base_url: URL | str, data_plane: str = "proxy") -> web.Application:
+def arca_gateway(base_url: URL | str, data_plane: str = "proxy") -> web.Application:
+    """The gateway app under --schedule-type arca, with KEY as its key."""
     return build_gateway_app(gateway_settings(
         schedule_type="arca", arca_base_url=str(base_url), arca_api_key=KEY, arca_data_plane=data_plane,
     ))
@@ -95,7 +97,7 @@ async def test_proxy_mode_forwards_to_the_sandbox_path(
     arca: FakeArca, upstream: Upstream, aiohttp_client: AiohttpClient,
     method: str, path_qs: str, upstream_path_qs: str,
 ) -> None:
-    gateway = await aiohttp_client(arca_settings(arca.url))
+    gateway = await aiohttp_client(arca_gateway(arca.url))
 
     downstream_response = await gateway.request(method, path_qs, headers=sdk_headers(upstream), data=b'{"id":1}')
 
@@ -106,7 +108,7 @@ async def test_proxy_mode_forwards_to_the_sandbox_path(
 
 
 async def test_base_url_path_prefix_is_kept(arca: FakeArca, upstream: Upstream, aiohttp_client: AiohttpClient) -> None:
-    gateway = await aiohttp_client(arca_settings(arca.url / "gw" / "v2" / ""))
+    gateway = await aiohttp_client(arca_gateway(arca.url / "gw" / "v2" / ""))
 
     downstream_response = await gateway.get("/sse", headers=sdk_headers(upstream, "sbx.2_B"))
     arca.second_event.set()
@@ -118,7 +120,7 @@ async def test_base_url_path_prefix_is_kept(arca: FakeArca, upstream: Upstream, 
 async def test_sandbox_headers_are_injected_and_replace_the_callers(
     arca: FakeArca, upstream: Upstream, aiohttp_client: AiohttpClient
 ) -> None:
-    gateway = await aiohttp_client(arca_settings(arca.url))
+    gateway = await aiohttp_client(arca_gateway(arca.url))
     headers = [
         *sdk_headers(upstream).items(),
         ("X-Agent-Sandbox-Api-Key", "forged"), ("x-agent-sandbox-api-key", "forged-again"),
@@ -140,7 +142,7 @@ async def test_sandbox_headers_are_injected_and_replace_the_callers(
 
 
 async def test_sse_events_arrive_one_by_one(arca: FakeArca, upstream: Upstream, aiohttp_client: AiohttpClient) -> None:
-    gateway = await aiohttp_client(arca_settings(arca.url))
+    gateway = await aiohttp_client(arca_gateway(arca.url))
 
     downstream_response = await gateway.get("/sse", headers=sdk_headers(upstream))
     # The fake holds the second event until we have the first: a buffering proxy would hang here.
@@ -153,7 +155,7 @@ async def test_sse_events_arrive_one_by_one(arca: FakeArca, upstream: Upstream, 
 
 
 async def test_headerless_health_is_the_gateways_own(arca: FakeArca, aiohttp_client: AiohttpClient) -> None:
-    gateway = await aiohttp_client(arca_settings(arca.url))
+    gateway = await aiohttp_client(arca_gateway(arca.url))
 
     downstream_response = await gateway.get("/health")
 
@@ -180,7 +182,7 @@ async def test_headerless_health_is_the_gateways_own(arca: FakeArca, aiohttp_cli
 async def test_bad_or_missing_id_is_a_400_and_nothing_is_forwarded(
     arca: FakeArca, upstream: Upstream, aiohttp_client: AiohttpClient, headers: dict[str, str], error: dict[str, str]
 ) -> None:
-    gateway = await aiohttp_client(arca_settings(arca.url))
+    gateway = await aiohttp_client(arca_gateway(arca.url))
     headers = {MCP_PROXY_URL: str(upstream.url), **headers}
 
     downstream_response = await gateway.post("/mcp", headers=headers, data=b"{}")
@@ -189,10 +191,9 @@ async def test_bad_or_missing_id_is_a_400_and_nothing_is_forwarded(
     assert (arca.seen, upstream.seen) == ([], [])
 
 
-async def raw_request(client: object, request: bytes) -> bytes:
-    """Send bytes as they are (aiohttp's client would normalise dot segments away) and read the reply."""
-    server = client.server  # type: ignore[attr-defined]
-    reader, writer = await asyncio.open_connection(server.host, server.port)
+async def raw_request(client: TestClient[web.Request, web.Application], request: bytes) -> bytes:
+    """Send bytes as they are (aiohttp's client would normalise dot segments and %2F away); read the reply."""
+    reader, writer = await asyncio.open_connection(client.server.host, client.server.port)
     try:
         writer.write(request)
         await writer.drain()
@@ -205,7 +206,7 @@ async def raw_request(client: object, request: bytes) -> bytes:
 async def test_percent_encodings_reach_arca_byte_for_byte(
     arca: FakeArca, aiohttp_client: AiohttpClient
 ) -> None:
-    gateway = await aiohttp_client(arca_settings(arca.url))
+    gateway = await aiohttp_client(arca_gateway(arca.url))
 
     reply = await raw_request(gateway, f"GET /a%2Fb/%41?session_id=a%2Fb&q=%20 HTTP/1.1\r\nHost: gw\r\n"
                                        f"{ENV_INSTANCE_ID}: sbx-1\r\nConnection: close\r\n\r\n".encode())
@@ -218,7 +219,7 @@ async def test_percent_encodings_reach_arca_byte_for_byte(
 async def test_dot_segments_cannot_climb_out_of_the_sandbox(
     arca: FakeArca, aiohttp_client: AiohttpClient, path: str
 ) -> None:
-    gateway = await aiohttp_client(arca_settings(arca.url))
+    gateway = await aiohttp_client(arca_gateway(arca.url))
 
     reply = await raw_request(gateway, f"GET {path} HTTP/1.1\r\nHost: gw\r\n{ENV_INSTANCE_ID}: sbx-1\r\n"
                                        "Connection: close\r\n\r\n".encode())
@@ -233,7 +234,7 @@ async def test_unreachable_arca_is_a_502_without_the_key(upstream: Upstream, aio
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
-    gateway = await aiohttp_client(arca_settings(f"http://127.0.0.1:{closed_port}"))
+    gateway = await aiohttp_client(arca_gateway(f"http://127.0.0.1:{closed_port}"))
 
     downstream_response = await gateway.post("/mcp", headers=sdk_headers(upstream), data=b"{}")
 
@@ -256,9 +257,13 @@ async def test_unreachable_arca_is_a_502_without_the_key(upstream: Upstream, aio
 async def test_reject_mode_answers_501_and_forwards_nothing(
     arca: FakeArca, upstream: Upstream, aiohttp_client: AiohttpClient, method: str, path: str, routing: str
 ) -> None:
-    gateway = await aiohttp_client(arca_settings(arca.url, data_plane="reject"))
-    headers = {"both": sdk_headers(upstream), "id": {ENV_INSTANCE_ID: "sbx-1"},
-               "proxy-url": {MCP_PROXY_URL: str(upstream.url)}}[routing]
+    gateway = await aiohttp_client(arca_gateway(arca.url, data_plane="reject"))
+    by_routing: dict[str, dict[str, str]] = {
+        "both": sdk_headers(upstream),
+        "id": {ENV_INSTANCE_ID: "sbx-1"},
+        "proxy-url": {MCP_PROXY_URL: str(upstream.url)},
+    }
+    headers = by_routing[routing]
 
     downstream_response = await gateway.request(method, path, headers=headers, data=b'{"jsonrpc":"2.0"}')
 
@@ -272,7 +277,7 @@ async def test_reject_mode_answers_501_and_forwards_nothing(
 async def test_reject_mode_refuses_requests_without_headers_too(
     arca: FakeArca, aiohttp_client: AiohttpClient, method: str, path: str
 ) -> None:
-    gateway = await aiohttp_client(arca_settings(arca.url, data_plane="reject"))
+    gateway = await aiohttp_client(arca_gateway(arca.url, data_plane="reject"))
 
     downstream_response = await gateway.request(method, path)
 
@@ -281,7 +286,7 @@ async def test_reject_mode_refuses_requests_without_headers_too(
 
 
 async def test_reject_mode_keeps_headerless_health_up(arca: FakeArca, aiohttp_client: AiohttpClient) -> None:
-    gateway = await aiohttp_client(arca_settings(arca.url, data_plane="reject"))
+    gateway = await aiohttp_client(arca_gateway(arca.url, data_plane="reject"))
 
     downstream_response = await gateway.get("/health", headers={"User-Agent": "kube-probe/1.30"})
 
@@ -479,7 +484,7 @@ async def arca_to_fastmcp(aiohttp_server: AiohttpServer, fastmcp_url: URL) -> As
 async def test_mcp_client_session_through_arca_proxy_mode(
     arca_to_fastmcp: Forwarder, upstream: Upstream, aiohttp_server: AiohttpServer, mode: str
 ) -> None:
-    gateway = await aiohttp_server(arca_settings(arca_to_fastmcp.url))
+    gateway = await aiohttp_server(arca_gateway(arca_to_fastmcp.url))
     headers = sdk_headers(upstream, "sbx-mcp")
 
     async with (
