@@ -29,6 +29,7 @@ class Settings:
     schedule_type: str = "k8s"
     arca_base_url: str | None = None
     arca_api_key: str | None = field(default=None, repr=False)
+    arca_api_key_file: str | None = None
     arca_data_plane: str = "reject"
     connect_timeout_s: float = 5.0
     idle_timeout_s: float = 300.0
@@ -69,6 +70,12 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def _api_key(raw: str) -> str:
+    if not raw or not all("!" <= char <= "~" for char in raw):
+        raise ValueError("must be printable ASCII without spaces")
+    return raw
+
+
 def _http_url(raw: str) -> str:
     url = URL(raw)
     if url.scheme not in ("http", "https") or not url.host:
@@ -97,7 +104,8 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("admin_port", "GATEWAY_ADMIN_PORT", _port, "admin port (/metrics, /healthz, /readyz)"),
     Option("schedule_type", "GATEWAY_SCHEDULE_TYPE", _choice(*ENGINE_NAMES), "engine: " + ", ".join(ENGINE_NAMES)),
     Option("arca_base_url", "ARCA_BASE_URL", _http_url, "arca gateway base URL (required under arca)"),
-    Option("arca_api_key", "ARCA_API_KEY", str, "arca API key (required under arca; never logged)", secret=True),
+    Option("arca_api_key", "ARCA_API_KEY", _api_key, "arca API key (required under arca; never logged)", secret=True),
+    Option("arca_api_key_file", "ARCA_API_KEY_FILE", str, "file holding the arca API key, instead of --arca-api-key"),
     Option("arca_data_plane", "ARCA_DATA_PLANE", _choice("reject", "proxy"), "arca data plane: reject (501) or proxy"),
     Option("connect_timeout_s", "GATEWAY_CONNECT_TIMEOUT", _positive_float, "seconds to connect upstream (504 after)"),
     Option("idle_timeout_s", "GATEWAY_IDLE_TIMEOUT", _positive_float,
@@ -164,7 +172,28 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         except ValueError as exc:
             shown = "<redacted>" if option.secret else repr(str(raw))
             raise ConfigError(f"{option.flag}: {shown} from {source} {_reason(exc)}") from exc
+    if values.get("arca_api_key_file"):
+        values["arca_api_key"] = _read_key_file(values["arca_api_key_file"], values.get("arca_api_key"))
     return Settings(**values)
+
+
+def _read_key_file(path: str, key_given: str | None) -> str:
+    """The key in the file, surrounding whitespace (a trailing newline) removed; never echoed back."""
+    if key_given is not None:
+        raise ConfigError(
+            "--arca-api-key-file: a key is also given by --arca-api-key, ARCA_API_KEY or arca_api_key; keep one"
+        )
+    try:
+        raw = Path(path).read_text(encoding="ascii").strip()
+    except OSError as exc:
+        raise ConfigError(f"--arca-api-key-file: cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--arca-api-key-file: {path} must hold printable ASCII without spaces") from exc
+    try:
+        return _api_key(raw)
+    except ValueError as exc:
+        problem = "is empty" if not raw else str(exc)
+        raise ConfigError(f"--arca-api-key-file: {path} {problem}") from exc
 
 
 def _reason(exc: ValueError) -> str:

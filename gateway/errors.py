@@ -4,6 +4,8 @@
     GatewayError                answered as JSON before any response byte was sent
     ├── MissingHeader           400  the engine's routing header is absent
     ├── MalformedHeader         400  a routing header is present but unusable
+    ├── MalformedPath           400  a path that would climb out of its target (dot segments)
+    ├── DataPlaneUnsupported    501  arca reject mode; body is the aenv envelope the SDK parses
     ├── UpstreamUnreachable     502  refused, reset or unresolvable before a response
     ├── UpstreamBroken          502  the upstream answered with something that is not HTTP
     └── UpstreamTimeout         504  no connection or no response headers in time
@@ -61,6 +63,21 @@ class MalformedHeader(GatewayError):
 
     def __init__(self, name: str, problem: str) -> None:
         super().__init__(f"{name} header {problem}")
+
+
+class MalformedPath(GatewayError):
+    status = 400
+    code = "malformed_path"
+
+
+class DataPlaneUnsupported(GatewayError):
+    """Answered in the aenv envelope, not {"error", "code"}: the SDK parses success/code/message."""
+
+    status = 501
+    code = "data_plane_unsupported"
+
+    def body(self) -> dict[str, Any]:
+        return {"success": False, "code": self.status, "message": self.message, "data": None}
 
 
 class UpstreamUnreachable(GatewayError):
