@@ -31,6 +31,10 @@ class Settings:
     arca_data_plane: str = "reject"
     connect_timeout_s: float = 5.0
     idle_timeout_s: float = 300.0
+    log_format: str = "auto"
+    log_level: str = "info"
+    log_bodies: int = 0
+    metrics_multiproc_dir: str = ""
     config_path: str | None = None
 
 
@@ -45,6 +49,13 @@ def _positive_float(raw: str) -> float:
     value = float(raw)
     if not value > 0:
         raise ValueError("must be greater than 0")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be 0 or more")
     return value
 
 
@@ -90,6 +101,13 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("connect_timeout_s", "GATEWAY_CONNECT_TIMEOUT", _positive_float, "seconds to connect upstream (504 after)"),
     Option("idle_timeout_s", "GATEWAY_IDLE_TIMEOUT", _positive_float,
            "seconds without a byte from the upstream on a non-SSE response (504 before it starts)"),
+    Option("log_format", "GATEWAY_LOG_FORMAT", _choice("auto", "json", "console"),
+           "json lines, or console; auto: json unless stdout is a terminal"),
+    Option("log_level", "GATEWAY_LOG_LEVEL", _choice("debug", "info", "warning", "error"), "lowest level logged"),
+    Option("log_bodies", "GATEWAY_LOG_BODIES", _non_negative_int,
+           "log the first N bytes of non-SSE bodies, secrets redacted (0: none)"),
+    Option("metrics_multiproc_dir", "GATEWAY_METRICS_MULTIPROC_DIR", str,
+           "directory shared by worker processes for aggregated /metrics (empty: one process)"),
 )
 _DEFAULTS: Final = Settings()
 _FIELD_NAMES: Final = frozenset(f.name for f in fields(Settings))
