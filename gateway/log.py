@@ -159,8 +159,7 @@ def access_middleware(settings: Settings, metrics: Metrics, engine: str) -> Midd
         method = request.method
         label = rpc_method(exchange.body_head) if method == "POST" and exchange.body_head else ""
         bytes_in = request.content.total_bytes
-        metrics.observe(method, request.path, status, label, elapsed_ms, exchange, bytes_in, bytes_out,
-                        refused_reason)
+        metrics.observe(method, request.path, status, label, elapsed_ms, exchange, bytes_in, refused_reason)
         fields: dict[str, Any] = {
             "request_id": exchange.request_id,
             "method": method,

@@ -71,7 +71,8 @@ class Metrics:
     _upstream_bytes: Counter | None = None
     _downstream_bytes: Counter | None = None
     # .labels() costs a lock, a tuple and a dict lookup; each label set is resolved once.
-    _request_children: dict[tuple[str, str, str, int], tuple[Counter, Histogram]] = field(default_factory=dict)
+    _counted: dict[tuple[str, str, str, int], Counter] = field(default_factory=dict)
+    _timed: dict[tuple[str, str, str, int], Histogram] = field(default_factory=dict)
     _refused_children: dict[tuple[str, int], Counter] = field(default_factory=dict)
     _error_children: dict[str, Counter] = field(default_factory=dict)
 
@@ -108,21 +109,25 @@ class Metrics:
         return metrics
 
     def observe(self, method: str, path: str, status: int, rpc_method: str, elapsed_ms: float,
-                exchange: Exchange, bytes_in: int, bytes_out: int, refused_reason: str = "") -> None:
-        """One finished request: its counter, its duration unless a stream, bytes and failures."""
+                exchange: Exchange, bytes_in: int, refused_reason: str = "") -> None:
+        """One finished request: its counter, its duration unless a stream, bytes and failures.
+
+        Relayed bytes count bodies that crossed the gateway, not the gateway's own answers.
+        """
         key = (method if method in _HTTP_METHODS else "OTHER", endpoint(path), rpc_method, status)
-        children = self._request_children.get(key)
-        if children is None:
-            labels = (*key[:3], str(status))
-            children = self._request_children[key] = (self.requests.labels(*labels),
-                                                      self.duration_ms.labels(*labels))
-        children[0].inc()
-        if not exchange.is_stream:
-            children[1].observe(elapsed_ms)
-        if bytes_in and self._upstream_bytes is not None:
+        counted = self._counted.get(key)
+        if counted is None:
+            counted = self._counted[key] = self.requests.labels(*key[:3], str(status))
+        counted.inc()
+        if not exchange.is_stream:  # a stream's series is never created, as in the reference gateway
+            timed = self._timed.get(key)
+            if timed is None:
+                timed = self._timed[key] = self.duration_ms.labels(*key[:3], str(status))
+            timed.observe(elapsed_ms)
+        if bytes_in and exchange.target and self._upstream_bytes is not None:
             self._upstream_bytes.inc(bytes_in)
-        if bytes_out and self._downstream_bytes is not None:
-            self._downstream_bytes.inc(bytes_out)
+        if exchange.bytes_out and self._downstream_bytes is not None:
+            self._downstream_bytes.inc(exchange.bytes_out)
         if exchange.upstream_ms is not None:
             self.upstream_response_ms.observe(exchange.upstream_ms)
         if exchange.upstream_error:
