@@ -383,3 +383,35 @@ async def test_an_mcp_client_session_through_the_gateway_is_counted_by_rpc_metho
     timed = samples(text, "aenv_api_mcp_request_duration_ms_count")
     assert request_labels("POST", "/mcp", "tools/call", 200) not in timed  # answered as a stream
     assert len(access_lines(log_stream)) == sum(counted.values())
+
+
+async def test_console_format_and_log_level_go_through_structlog_with_the_same_fields(
+    upstream: Upstream, aiohttp_client: AiohttpClient
+) -> None:
+    stream = io.StringIO()
+    configure_logging("console", "info", stream=stream, cache=False)
+    try:
+        observed = await observed_gateway(aiohttp_client)
+        await observed.gateway.post("/mcp", data=rpc("ping"), headers={MCP_PROXY_URL: str(upstream.url),
+                                                                        REQUEST_ID: "req-console"})
+    finally:
+        structlog.reset_defaults()
+
+    [line] = stream.getvalue().splitlines()
+    assert "request" in line and "request_id=req-console" in line and "rpc_method=ping" in line
+    assert "outcome=ok" in line and "status=200" in line
+
+
+async def test_log_level_warning_keeps_failures_and_drops_successes(
+    upstream: Upstream, aiohttp_client: AiohttpClient
+) -> None:
+    stream = io.StringIO()
+    configure_logging("json", "warning", stream=stream, cache=False)
+    try:
+        observed = await observed_gateway(aiohttp_client)
+        await observed.gateway.get("/mcp", headers={MCP_PROXY_URL: str(upstream.url)})
+        await observed.gateway.get("/mcp", headers={MCP_PROXY_URL: f"http://127.0.0.1:{closed_port()}"})
+    finally:
+        structlog.reset_defaults()
+
+    assert [(line["level"], line["outcome"]) for line in log_lines(stream)] == [("warning", "upstream_error")]
