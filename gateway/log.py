@@ -15,7 +15,7 @@ from typing import Any, Final, TextIO
 
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Middleware
+from aiohttp.typedefs import Handler, Middleware
 
 from gateway.config import OPTIONS, Settings
 from gateway.errors import ANSWERED_ERROR
@@ -154,7 +154,7 @@ def access_middleware(settings: Settings, metrics: Metrics, engine: str) -> Midd
     secrets = secret_values(settings)
 
     @web.middleware
-    async def access(request: web.Request, handler: Any) -> web.StreamResponse:
+    async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         request_id = request.headers.get(REQUEST_ID) or new_request_id()
         exchange = request[EXCHANGE] = Exchange(request_id[:_MAX_FIELD_CHARS], log_body_bytes)

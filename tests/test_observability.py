@@ -415,3 +415,25 @@ async def test_log_level_warning_keeps_failures_and_drops_successes(
         structlog.reset_defaults()
 
     assert [(line["level"], line["outcome"]) for line in log_lines(stream)] == [("warning", "upstream_error")]
+
+
+async def test_a_streamed_body_is_labelled_from_its_first_bytes_and_forwarded_whole(
+    upstream: Upstream, aiohttp_client: AiohttpClient, log_stream: io.StringIO
+) -> None:
+    observed = await observed_gateway(aiohttp_client)
+    large = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+                        "params": {"blob": "x" * 200_000}}).encode()
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: the gateway streams it
+        for start in range(0, len(large), 16_384):
+            yield large[start:start + 16_384]
+
+    sized = await observed.gateway.post("/mcp", data=large, headers={MCP_PROXY_URL: str(upstream.url)})
+    chunked = await observed.gateway.post("/mcp", data=chunks(), headers={MCP_PROXY_URL: str(upstream.url)})
+    text = await observed.metrics()
+
+    assert (sized.status, chunked.status) == (200, 200)
+    assert [seen.body for seen in upstream.seen] == [large, large]
+    assert samples(text, "aenv_api_mcp_requests_total") == {request_labels("POST", "/mcp", "tools/call", 200): 2.0}
+    assert samples(text, "aenv_gateway_relayed_bytes_total")[(("direction", "upstream"),)] == 2.0 * len(large)
+    assert [line["bytes_in"] for line in access_lines(log_stream)] == [len(large), len(large)]
