@@ -100,6 +100,10 @@ def upstream_errors(url: URL) -> Iterator[None]:
         raise UpstreamUnreachable(f"upstream {where} failed: {reason}") from exc
 
 
+# The error a request was answered with, for the access log line (log.py) to record.
+ANSWERED_ERROR: Final = web.RequestKey("answered_error", GatewayError)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Answer every GatewayError as JSON with its status; the access log line records it once."""
@@ -108,6 +112,3 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except GatewayError as exc:
         request[ANSWERED_ERROR] = exc
         return web.json_response(exc.body(), status=exc.status)
-
-
-ANSWERED_ERROR: Final = web.RequestKey("answered_error", GatewayError)

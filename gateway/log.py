@@ -5,6 +5,7 @@ observation per finished request, a stream's when it ends.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import sys
@@ -102,6 +103,8 @@ class AccessLine:
         self._log = structlog.get_logger("gateway.access").bind()
         config = structlog.get_config()
         processors = config["processors"]
+        # configure_logging's JSON chain ends in JSONRenderer; anything else (console, a test's
+        # capture_logs, structlog's defaults) gets the line through structlog.
         is_ours = len(processors) == 4 and isinstance(processors[-1], structlog.processors.JSONRenderer)
         self._raw = config["logger_factory"]() if is_ours else None
         self._info = self._log.is_enabled_for(logging.INFO) if self._raw is not None else True
@@ -115,7 +118,7 @@ class AccessLine:
             return
         if not (self._warning if level == "warning" else self._info):
             return
-        members = [f'"{name}":{json_string(value) if value.__class__ is str else _json_scalar(value)}'
+        members = [f'"{name}":{json_string(value) if value.__class__ is str else _json_value(value)}'
                    for name, value in fields.items()]
         self._raw.msg(f'{{"timestamp":"{self._timestamp()}","level":"{level}","event":"request",'
                       f'{",".join(members)}}}')
@@ -129,10 +132,10 @@ class AccessLine:
         return f"{self._second_text}.{int((now - second) * 1e6):06d}Z"
 
 
-def _json_scalar(value: Any) -> str:
-    if value is True or value is False:
-        return "true" if value else "false"
-    return repr(value)  # ints and finite floats: their repr is JSON
+def _json_value(value: Any) -> str:
+    if value.__class__ is int or value.__class__ is float:
+        return repr(value)  # as json.dumps writes them, without its call overhead
+    return json.dumps(value)
 
 
 async def _on_response_prepare(request: web.Request, response: web.StreamResponse) -> None:

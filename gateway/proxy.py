@@ -57,7 +57,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
                 request.method, target.url, upstream_headers, await _request_body(request, exchange)
             )
     exchange.upstream_ms = (time.perf_counter() - forwarded_at) * 1000
-    try:  # a downstream gone mid-response raises ConnectionResetError: log.access_log records it
+    try:  # a downstream gone mid-response raises ConnectionResetError: the access line records it
         return await _relay_response(request, exchange, upstream_response, settings)
     finally:
         upstream_response.release()

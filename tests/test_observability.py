@@ -22,7 +22,7 @@ from gateway.admin import Readiness
 from gateway.app import build_admin_app, build_gateway_app
 from gateway.config import Settings
 from gateway.headers import MCP_PROXY_URL, REQUEST_ID
-from gateway.log import configure_logging
+from gateway.log import AccessLine, configure_logging
 from gateway.metrics import UPSTREAM_ERROR_KINDS, Metrics
 from tests.conftest import Upstream, gateway_settings
 
@@ -437,3 +437,15 @@ async def test_a_streamed_body_is_labelled_from_its_first_bytes_and_forwarded_wh
     assert samples(text, "aenv_api_mcp_requests_total") == {request_labels("POST", "/mcp", "tools/call", 200): 2.0}
     assert samples(text, "aenv_gateway_relayed_bytes_total")[(("direction", "upstream"),)] == 2.0 * len(large)
     assert [line["bytes_in"] for line in access_lines(log_stream)] == [len(large), len(large)]
+
+
+def test_the_access_line_short_cut_writes_what_structlog_would(log_stream: io.StringIO) -> None:
+    fields = {"request_id": 'a"b\\c\n\u00e9\u2028', "status": 200, "latency_ms": 0.125, "stream": True,
+              "path": "/caf\u00e9/\x00"}
+
+    AccessLine().write("warning", fields)
+    structlog.get_logger("gateway.access").warning("request", **fields)
+
+    short_cut, through_structlog = log_lines(log_stream)
+    assert short_cut.pop("timestamp")[:11] == through_structlog.pop("timestamp")[:11]
+    assert short_cut == through_structlog == {"event": "request", "level": "warning", **fields}
