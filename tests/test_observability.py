@@ -449,3 +449,30 @@ def test_the_access_line_short_cut_writes_what_structlog_would(log_stream: io.St
     short_cut, through_structlog = log_lines(log_stream)
     assert short_cut.pop("timestamp")[:11] == through_structlog.pop("timestamp")[:11]
     assert short_cut == through_structlog == {"event": "request", "level": "warning", **fields}
+
+
+async def test_a_caller_leaving_before_the_upstream_answers_is_logged_as_499_client_closed(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient, log_stream: io.StringIO
+) -> None:
+    never = asyncio.Event()
+
+    async def silent(request: web.Request) -> web.Response:
+        await never.wait()
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", silent)
+    upstream_url = (await aiohttp_server(app)).make_url("")
+    observed = await observed_gateway(aiohttp_client)
+
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.3):
+            await observed.gateway.post("/mcp", data=rpc("tools/call"), headers={MCP_PROXY_URL: str(upstream_url)})
+    async with asyncio.timeout(5):
+        while not access_lines(log_stream):  # noqa: ASYNC110  (a log buffer has no event to await)
+            await asyncio.sleep(0.01)
+    text = await observed.metrics()
+
+    [line] = access_lines(log_stream)
+    assert (line["status"], line["outcome"], line["rpc_method"]) == (499, "client_closed", "tools/call")
+    assert samples(text, "aenv_api_mcp_requests_total") == {request_labels("POST", "/mcp", "tools/call", 499): 1.0}
