@@ -7,6 +7,8 @@ from typing import Final
 
 from aiohttp import web
 
+from gateway.metrics import EXPOSITION_CONTENT_TYPE, METRICS
+
 
 @dataclass(slots=True)
 class Readiness:
@@ -29,5 +31,5 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
-    # TODO(#4): Prometheus metrics.
-    return web.Response(text="# metrics arrive with issue #4\n", content_type="text/plain")
+    exposition = request.app[METRICS].exposition()
+    return web.Response(body=exposition, headers={"Content-Type": EXPOSITION_CONTENT_TYPE})

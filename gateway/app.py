@@ -6,12 +6,15 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from gateway import admin, proxy
 from gateway.admin import READINESS, Readiness
 from gateway.config import Settings
 from gateway.engines import Engine, build_engine
 from gateway.errors import error_middleware
+from gateway.log import install_access_log
+from gateway.metrics import METRICS, Metrics
 from gateway.upstream import AiohttpClient
 
 # How the data plane must be served (AppRunner / TestServer keyword arguments):
@@ -26,10 +29,14 @@ GATEWAY_SERVER_OPTIONS: Final[Mapping[str, Any]] = {
 }
 
 
-def build_gateway_app(settings: Settings, engine: Engine | None = None) -> web.Application:
+def build_gateway_app(
+    settings: Settings, engine: Engine | None = None, metrics: Metrics | None = None
+) -> web.Application:
     app = web.Application(middlewares=[error_middleware])
     app[proxy.SETTINGS] = settings
     app[proxy.ENGINE] = engine or build_engine(settings)
+    app[METRICS] = metrics or Metrics.build(CollectorRegistry())
+    install_access_log(app, settings, app[METRICS], app[proxy.ENGINE].name)
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
         app[proxy.UPSTREAM] = AiohttpClient(settings)
@@ -41,9 +48,10 @@ def build_gateway_app(settings: Settings, engine: Engine | None = None) -> web.A
     return app
 
 
-def build_admin_app(readiness: Readiness) -> web.Application:
+def build_admin_app(readiness: Readiness, metrics: Metrics | None = None) -> web.Application:
     app = web.Application()
     app[READINESS] = readiness
+    app[METRICS] = metrics or Metrics.build(CollectorRegistry())
     app.router.add_get("/healthz", admin.healthz)
     app.router.add_get("/readyz", admin.readyz)
     app.router.add_get("/metrics", admin.metrics)

@@ -10,13 +10,15 @@ from collections.abc import Sequence
 
 import structlog
 from aiohttp import web
+from prometheus_client import CollectorRegistry
 
 from gateway.admin import Readiness
 from gateway.app import GATEWAY_SERVER_OPTIONS, build_admin_app, build_gateway_app
 from gateway.config import Settings, load_settings
 from gateway.engines import Engine, build_engine
 from gateway.errors import ConfigError
-from gateway.log import configure_logging
+from gateway.log import configure_logging, shown_settings
+from gateway.metrics import Metrics, use_multiprocess_dir
 from gateway.supervisor import SUPERVISOR_PID_ENV, supervise
 
 log = structlog.get_logger(__name__)
@@ -25,9 +27,10 @@ log = structlog.get_logger(__name__)
 async def serve(settings: Settings, engine: Engine, reuse_port: bool = False) -> None:
     """Serve the proxy and admin ports until SIGTERM or SIGINT; reuse_port when a supervisor runs several."""
     readiness = Readiness()
-    gateway_app = build_gateway_app(settings, engine)
+    metrics = Metrics.build(CollectorRegistry(), settings.metrics_multiproc_dir)
+    gateway_app = build_gateway_app(settings, engine, metrics)
     gateway_runner = web.AppRunner(gateway_app, **GATEWAY_SERVER_OPTIONS)
-    admin_runner = web.AppRunner(build_admin_app(readiness), access_log=None)
+    admin_runner = web.AppRunner(build_admin_app(readiness, metrics), access_log=None)
     await gateway_runner.setup()
     await admin_runner.setup()
     try:
@@ -46,6 +49,7 @@ async def serve(settings: Settings, engine: Engine, reuse_port: bool = False) ->
     finally:
         await gateway_runner.cleanup()
         await admin_runner.cleanup()
+        metrics.retire()
 
 
 def _event_loop_factory() -> type[asyncio.AbstractEventLoop] | None:
@@ -66,10 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(argv, os.environ)
         engine = build_engine(settings)
+        if settings.metrics_multiproc_dir:
+            use_multiprocess_dir(settings.metrics_multiproc_dir, os.environ)
     except ConfigError as exc:
         print(f"mcp-gateway: error: {exc}", file=sys.stderr)
         return 2
-    configure_logging()
+    configure_logging(settings.log_format, settings.log_level)
+    log.info("effective_settings", **shown_settings(settings))
     try:
         if settings.workers > 1:
             return supervise(settings, argv, os.environ)

@@ -34,7 +34,10 @@ class Settings:
     connect_timeout_s: float = 5.0
     idle_timeout_s: float = 300.0
     workers: int = 1
-    metrics_multiproc_dir: str | None = None
+    log_format: str = "auto"
+    log_level: str = "info"
+    log_bodies: int = 0
+    metrics_multiproc_dir: str = ""
     config_path: str | None = None
 
 
@@ -59,6 +62,13 @@ def _workers(raw: str) -> int:
     if not (raw.isascii() and raw.isdigit()) or not 1 <= int(raw) <= 1024:
         raise ValueError("must be a whole number from 1 to 1024, or auto")
     return int(raw)
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
@@ -112,8 +122,13 @@ OPTIONS: Final[tuple[Option, ...]] = (
            "seconds without a byte from the upstream on a non-SSE response (504 before it starts)"),
     Option("workers", "GATEWAY_WORKERS", _workers,
            "worker processes sharing the ports (auto: one per CPU; above 1 a supervisor runs them)"),
+    Option("log_format", "GATEWAY_LOG_FORMAT", _choice("auto", "json", "console"),
+           "json lines, or console; auto: json unless stdout is a terminal"),
+    Option("log_level", "GATEWAY_LOG_LEVEL", _choice("debug", "info", "warning", "error"), "lowest level logged"),
+    Option("log_bodies", "GATEWAY_LOG_BODIES", _non_negative_int,
+           "log the first N bytes of non-SSE bodies, secrets redacted (0: none)"),
     Option("metrics_multiproc_dir", "GATEWAY_METRICS_MULTIPROC_DIR", str,
-           "directory where worker processes share metrics (set by the --workers supervisor)"),
+           "directory shared by worker processes for aggregated /metrics (empty: one process)"),
 )
 _DEFAULTS: Final = Settings()
 _FIELD_NAMES: Final = frozenset(f.name for f in fields(Settings))

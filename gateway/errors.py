@@ -17,14 +17,11 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
-import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 from yarl import URL
-
-log = structlog.get_logger(__name__)
 
 
 class ConfigError(Exception):
@@ -120,11 +117,15 @@ def upstream_errors(url: URL) -> Iterator[None]:
         raise UpstreamUnreachable(f"upstream {where} failed: {reason}") from exc
 
 
+# The error a request was answered with, for the access log line (log.py) to record.
+ANSWERED_ERROR: Final = web.RequestKey("answered_error", GatewayError)
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer every GatewayError as JSON with its status, and log it once."""
+    """Answer every GatewayError as JSON with its status; the access log line records it once."""
     try:
         return await handler(request)
     except GatewayError as exc:
-        log.warning("request_refused", code=exc.code, status=exc.status, error=exc.message)
+        request[ANSWERED_ERROR] = exc
         return web.json_response(exc.body(), status=exc.status)

@@ -7,6 +7,7 @@ upstream only through the UpstreamClient interface (upstream does).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Final
 
@@ -15,14 +16,17 @@ from aiohttp import web
 
 from gateway import sse
 from gateway.config import Settings
-from gateway.engines import Engine, Target
+from gateway.engines import Engine
 from gateway.errors import authority, upstream_errors
+from gateway.exchange import EXCHANGE, Exchange
 from gateway.headers import (
     CONTENT_TYPE,
+    REQUEST_ID,
     downstream_response_headers,
     is_event_stream,
     upstream_request_headers,
 )
+from gateway.metrics import METRICS
 from gateway.upstream import Body, UpstreamClient, UpstreamResponse
 
 log = structlog.get_logger(__name__)
@@ -41,18 +45,20 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "ok", "engine": engine.name})
 
     target = engine.resolve(request.headers, request.raw_path)
+    exchange = request[EXCHANGE]
+    exchange.target = authority(target.url)
     settings = request.app[SETTINGS]
     upstream_headers = upstream_request_headers(request.headers, target.added_headers)
+    upstream_headers[REQUEST_ID] = exchange.request_id
+    forwarded_at = time.perf_counter()
     with upstream_errors(target.url):
         async with asyncio.timeout(settings.idle_timeout_s):
             upstream_response = await request.app[UPSTREAM].request(
-                request.method, target.url, upstream_headers, await _request_body(request)
+                request.method, target.url, upstream_headers, await _request_body(request, exchange)
             )
-    try:
-        return await _relay_response(request, target, upstream_response, settings)
-    except ConnectionResetError:  # the downstream went away mid-response: nobody left to answer
-        log.info("downstream_gone")
-        raise
+    exchange.upstream_ms = (time.perf_counter() - forwarded_at) * 1000
+    try:  # a downstream gone mid-response raises ConnectionResetError: the access line records it
+        return await _relay_response(request, exchange, upstream_response, settings)
     finally:
         upstream_response.release()
 
@@ -61,23 +67,25 @@ def _is_routed(request: web.Request, engine: Engine) -> bool:
     return any(name in request.headers for name in engine.routing_headers)
 
 
-async def _request_body(request: web.Request) -> Body:
+async def _request_body(request: web.Request, exchange: Exchange) -> Body:
     """Small bodies whole (one write upstream), large or unknown-length ones as a stream."""
     if not request.body_exists:
         return None
     length = request.content_length
     if length is not None and length <= SMALL_BODY_BYTES:
-        return await request.read()
-    return _stream(request)
+        body = exchange.body_head = await request.read()
+        return body
+    return _stream(request, exchange)
 
 
-async def _stream(request: web.Request) -> AsyncIterator[bytes]:
+async def _stream(request: web.Request, exchange: Exchange) -> AsyncIterator[bytes]:
     async for chunk in request.content.iter_any():
+        exchange.keep_body_chunk(chunk)
         yield chunk
 
 
 async def _relay_response(
-    request: web.Request, target: Target, upstream_response: UpstreamResponse, settings: Settings
+    request: web.Request, exchange: Exchange, upstream_response: UpstreamResponse, settings: Settings
 ) -> web.StreamResponse:
     # The status line goes on the wire at prepare(): from here on a failure is logged and ends
     # the response, and never becomes a JSON error.
@@ -88,18 +96,22 @@ async def _relay_response(
     )
     await downstream_response.prepare(request)
     if is_event_stream(upstream_response.headers.get(CONTENT_TYPE)):
-        await sse.relay(upstream_response, downstream_response)
+        with request.app[METRICS].open_stream(exchange):
+            await sse.relay(upstream_response, downstream_response, exchange)
         return downstream_response
     while True:
         try:
             async with asyncio.timeout(settings.idle_timeout_s):
                 chunk = await upstream_response.read_chunk()
         except (TimeoutError, OSError) as exc:
-            log.warning("upstream_body_failed", upstream=authority(target.url), error=exc.__class__.__name__)
+            exchange.upstream_failed("idle_timeout" if isinstance(exc, TimeoutError) else "reset_mid_stream")
             _abort(request)
             return downstream_response
         if not chunk:
             break
+        exchange.bytes_out += len(chunk)
+        if exchange.log_body_bytes:
+            exchange.keep_response_chunk(chunk)
         await downstream_response.write(chunk)
     await downstream_response.write_eof()
     return downstream_response

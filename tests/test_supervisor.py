@@ -287,7 +287,7 @@ def test_workers_auto_is_the_cpus_this_process_may_use() -> None:
 
 
 def test_metrics_multiproc_dir_setting() -> None:
-    assert load_settings([], {}).metrics_multiproc_dir is None
+    assert load_settings([], {}).metrics_multiproc_dir == ""
     assert load_settings([], {"GATEWAY_METRICS_MULTIPROC_DIR": "/run/m"}).metrics_multiproc_dir == "/run/m"
     assert load_settings(["--metrics-multiproc-dir", "/x"], {}).metrics_multiproc_dir == "/x"
 

@@ -1,0 +1,84 @@
+"""The record of one request that the proxy fills in and the access log and metrics read at its end.
+
+Plain slots and no logic beyond bookkeeping: filling it costs attribute writes, nothing more.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from typing import Final
+
+from aiohttp import web
+
+from gateway.jsonrpc import PEEK_BYTES
+
+# Outcomes, the `outcome` field of the access log line.
+OK: Final = "ok"
+CLIENT_CLOSED: Final = "client_closed"
+REFUSED: Final = "refused"
+UPSTREAM_ERROR: Final = "upstream_error"
+INTERNAL_ERROR: Final = "internal_error"
+
+# Request ids we make up: a random per-process prefix and a counter, unique without a syscall
+# per request (uuid4 reads os.urandom each time).
+_ID_PREFIX: Final = os.urandom(6).hex()
+_ids = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ids):08x}"
+
+
+class Exchange:
+    """What happened to one request: filled by the proxy, read once when the response ends."""
+
+    __slots__ = (
+        "body_head",
+        "bytes_out",
+        "is_stream",
+        "log_body_bytes",
+        "outcome",
+        "request_id",
+        "response_head",
+        "status",
+        "target",
+        "upstream_error",
+        "upstream_ms",
+    )
+
+    def __init__(self, request_id: str, log_body_bytes: int = 0) -> None:
+        self.request_id = request_id
+        self.log_body_bytes = log_body_bytes  # --log-bodies: keep this many response bytes
+        self.target = ""  # host:port of the upstream, never more of the URL
+        self.body_head: bytes | bytearray = b""  # the request body, or its first bytes when streamed
+        self.response_head: bytearray | None = None  # first response bytes, only under --log-bodies
+        self.outcome = OK
+        self.upstream_error = ""  # a kind from metrics.UPSTREAM_ERROR_KINDS when the upstream failed
+        self.upstream_ms: float | None = None  # forward until upstream response headers
+        self.is_stream = False
+        self.status = 0  # set when the response starts
+        self.bytes_out = 0  # relayed response body bytes
+
+    def keep_body_chunk(self, chunk: bytes) -> None:
+        """Keep the first bytes of a streamed request body, for the rpc_method label only."""
+        head = self.body_head
+        if len(head) < PEEK_BYTES:
+            if not isinstance(head, bytearray):
+                head = self.body_head = bytearray(head)
+            head += chunk[: PEEK_BYTES - len(head)]
+
+    def keep_response_chunk(self, chunk: bytes) -> None:
+        """Keep the first --log-bodies bytes of a non-stream response, for the access log only."""
+        head = self.response_head
+        if head is None:
+            head = self.response_head = bytearray()
+        if len(head) < self.log_body_bytes:
+            head += chunk[: self.log_body_bytes - len(head)]
+
+    def upstream_failed(self, kind: str) -> None:
+        self.outcome = UPSTREAM_ERROR
+        self.upstream_error = kind
+
+
+EXCHANGE: Final = web.RequestKey("exchange", Exchange)

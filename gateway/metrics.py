@@ -1,0 +1,200 @@
+"""Prometheus metrics: their definitions on an injected registry, one observation per request.
+
+Names and labels of the request series match the reference gateway's dashboards. Labels are
+bounded sets (normalised endpoint, allow-listed rpc_method, HTTP method, status), never a path or id.
+Several worker processes share one view through prometheus_client's multiprocess mode.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator, MutableMapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import values as prometheus_values
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
+
+from gateway.errors import (
+    BadUpstreamResponse,
+    ConfigError,
+    GatewayError,
+    UpstreamBroken,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from gateway.exchange import Exchange
+
+# The reference system's buckets: 1, 2, 4, ... 2^19 ms (about 8.7 minutes).
+DURATION_BUCKETS_MS: Final = tuple(float(2**power) for power in range(20))
+
+# Endpoint label by the last path segment, so the set stays bounded whatever paths callers send.
+_ENDPOINTS: Final = {"mcp": "/mcp", "sse": "/sse", "message": "/message", "messages": "/message",
+                     "health": "/health"}
+_HTTP_METHODS: Final = frozenset({"GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS"})
+
+# Kinds of upstream failure, the `kind` label of aenv_gateway_upstream_errors_total.
+UPSTREAM_ERROR_KINDS: Final = (
+    "connect_refused",   # nothing listens at the target
+    "dns",               # the target host does not resolve
+    "unreachable",       # any other failure before a response (reset, no route)
+    "timeout",           # no connection or no response headers in time
+    "bad_response",      # the upstream answered with something that is not HTTP
+    "reset_mid_stream",  # the upstream broke after the response started (SSE or not)
+    "idle_timeout",      # a non-SSE response body stalled longer than --idle-timeout
+    "policy",            # the gateway refused the target itself (403)
+)
+
+
+def endpoint(path: str) -> str:
+    return _ENDPOINTS.get(path.rstrip("/").rpartition("/")[2], "/other")
+
+
+@dataclass(slots=True)
+class Metrics:
+    """Every series the gateway exports, built on the registry the caller passes in."""
+
+    registry: CollectorRegistry
+    requests: Counter
+    duration_ms: Histogram
+    active_streams: Gauge
+    upstream_errors: Counter
+    refused: Counter
+    relayed_bytes: Counter
+    upstream_response_ms: Histogram
+    multiproc_dir: str = ""
+    _upstream_bytes: Counter | None = None
+    _downstream_bytes: Counter | None = None
+    # .labels() costs a lock, a tuple and a dict lookup; each label set is resolved once.
+    _counted: dict[tuple[str, str, str, int], Counter] = field(default_factory=dict)
+    _timed: dict[tuple[str, str, str, int], Histogram] = field(default_factory=dict)
+    _refused_children: dict[tuple[str, int], Counter] = field(default_factory=dict)
+    _error_children: dict[str, Counter] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, registry: CollectorRegistry, multiproc_dir: str = "") -> Metrics:
+        request_labels = ("method", "endpoint", "rpc_method", "status")
+        metrics = cls(
+            registry=registry,
+            requests=Counter("aenv_api_mcp_requests_total", "Requests handled, SSE streams included",
+                             request_labels, registry=registry),
+            duration_ms=Histogram("aenv_api_mcp_request_duration_ms",
+                                  "Request duration in milliseconds, SSE streams excluded",
+                                  request_labels, registry=registry, buckets=DURATION_BUCKETS_MS),
+            active_streams=Gauge("aenv_gateway_active_streams", "SSE streams being relayed now",
+                                 registry=registry, multiprocess_mode="livesum"),
+            upstream_errors=Counter("aenv_gateway_upstream_errors_total", "Upstream failures by kind",
+                                    ("kind",), registry=registry),
+            refused=Counter("aenv_gateway_refused_requests_total",
+                            "Requests the gateway answered itself without forwarding, by reason",
+                            ("reason", "status"), registry=registry),
+            relayed_bytes=Counter("aenv_gateway_relayed_bytes_total",
+                                  "Body bytes relayed: direction=upstream from callers, downstream to them",
+                                  ("direction",), registry=registry),
+            upstream_response_ms=Histogram("aenv_gateway_upstream_response_ms",
+                                           "Milliseconds from forwarding a request to the upstream's "
+                                           "response headers (connect included)",
+                                           registry=registry, buckets=DURATION_BUCKETS_MS),
+            multiproc_dir=multiproc_dir,
+        )
+        metrics._upstream_bytes = metrics.relayed_bytes.labels("upstream")
+        metrics._downstream_bytes = metrics.relayed_bytes.labels("downstream")
+        for kind in UPSTREAM_ERROR_KINDS:  # every kind exported from the start, at 0
+            metrics._error_children[kind] = metrics.upstream_errors.labels(kind)
+        return metrics
+
+    def observe(self, method: str, path: str, status: int, rpc_method: str, elapsed_ms: float,
+                exchange: Exchange, bytes_in: int, refused_reason: str = "") -> None:
+        """One finished request: its counter, its duration unless a stream, bytes and failures.
+
+        Relayed bytes count bodies that crossed the gateway, not the gateway's own answers.
+        """
+        key = (method if method in _HTTP_METHODS else "OTHER", endpoint(path), rpc_method, status)
+        counted = self._counted.get(key)
+        if counted is None:
+            counted = self._counted[key] = self.requests.labels(*key[:3], str(status))
+        counted.inc()
+        if not exchange.is_stream:  # a stream's series is never created, as in the reference gateway
+            timed = self._timed.get(key)
+            if timed is None:
+                timed = self._timed[key] = self.duration_ms.labels(*key[:3], str(status))
+            timed.observe(elapsed_ms)
+        if bytes_in and exchange.target and self._upstream_bytes is not None:
+            self._upstream_bytes.inc(bytes_in)
+        if exchange.bytes_out and self._downstream_bytes is not None:
+            self._downstream_bytes.inc(exchange.bytes_out)
+        if exchange.upstream_ms is not None:
+            self.upstream_response_ms.observe(exchange.upstream_ms)
+        if exchange.upstream_error:
+            self._error_children[exchange.upstream_error].inc()
+        if refused_reason:
+            refused = self._refused_children.get((refused_reason, status))
+            if refused is None:
+                refused = self._refused_children[refused_reason, status] = self.refused.labels(
+                    refused_reason, str(status))
+            refused.inc()
+
+    @contextmanager
+    def open_stream(self, exchange: Exchange) -> Iterator[None]:
+        """Count an SSE stream as active while it is relayed, and keep it out of the histogram."""
+        exchange.is_stream = True
+        self.active_streams.inc()
+        try:
+            yield
+        finally:
+            self.active_streams.dec()
+
+    def exposition(self) -> bytes:
+        """The Prometheus text for /metrics: this process's registry, or every worker's files."""
+        if not self.multiproc_dir:
+            return generate_latest(self.registry)
+        scrape = CollectorRegistry()
+        MultiProcessCollector(scrape, path=self.multiproc_dir)  # type: ignore[no-untyped-call]
+        return generate_latest(scrape)
+
+    def retire(self) -> None:
+        """At process exit in multiprocess mode: drop this process's live gauges from the sum."""
+        if self.multiproc_dir:
+            mark_process_dead(os.getpid(), self.multiproc_dir)  # type: ignore[no-untyped-call]
+
+
+def use_multiprocess_dir(directory: str, environ: MutableMapping[str, str]) -> None:
+    """Switch prometheus_client to multiprocess mode, writing under `directory`; before any Metrics.build.
+
+    prometheus_client reads PROMETHEUS_MULTIPROC_DIR when first imported, to choose how values are
+    stored, and again when a process opens its files. We were imported before the settings were
+    read, so the CLI passes its environment here: the variable is set from --metrics-multiproc-dir
+    and the value class chosen again, so the setting, not whatever the environment said, decides.
+    """
+    if not Path(directory).is_dir():
+        raise ConfigError(f"--metrics-multiproc-dir: {directory!r} is not a directory")
+    environ["PROMETHEUS_MULTIPROC_DIR"] = directory
+    prometheus_values.ValueClass = prometheus_values.get_value_class()  # type: ignore[no-untyped-call]
+
+
+METRICS: Final = web.AppKey("metrics", Metrics)
+EXPOSITION_CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+
+
+_UPSTREAM_CODES: Final = frozenset({UpstreamUnreachable.code, UpstreamBroken.code, UpstreamTimeout.code})
+
+
+def upstream_error_kind(error: GatewayError) -> str:
+    """The `kind` of an error answered before any response byte, or "" if the upstream is not to blame."""
+    if error.code not in _UPSTREAM_CODES:
+        return "policy" if error.status == 403 else ""
+    cause = error.__cause__
+    if isinstance(cause, TimeoutError):
+        return "timeout"
+    if isinstance(cause, BadUpstreamResponse):
+        return "bad_response"
+    if isinstance(cause, ConnectionRefusedError):
+        return "connect_refused"
+    if isinstance(cause, socket.gaierror):
+        return "dns"
+    return "unreachable"
