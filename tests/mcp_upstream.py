@@ -82,7 +82,7 @@ class Event:
 
 async def next_event(response: aiohttp.ClientResponse) -> Event:
     """Read the next SSE event from a streaming response; comments (keep-alives) are skipped."""
-    event_type, data_lines = "message", []
+    event_type, data_lines = "message", list[str]()
     while True:
         raw_line = await response.content.readline()
         if not raw_line:

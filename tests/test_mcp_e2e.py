@@ -34,7 +34,7 @@ from tests.mcp_upstream import Event, McpUpstream, next_event, running_example_s
 TEST_TIMEOUT_S = 20.0
 EXAMPLE_TOOLS = ["add", "count", "notify", "request_headers"]
 HANDSHAKE_VERSION = "2025-11-25"  # the newest version the initialize handshake negotiates
-INITIALIZE = {
+INITIALIZE: dict[str, Any] = {
     "jsonrpc": "2.0", "id": 1, "method": "initialize",
     "params": {"protocolVersion": HANDSHAKE_VERSION, "capabilities": {},
                "clientInfo": {"name": "raw", "version": "1"}},
@@ -91,7 +91,8 @@ async def official_streamable_session(
         if response.request.method == "GET":
             exchanges.get_stream_opened.set()
 
-    http_client = httpx2.AsyncClient(headers={MCP_PROXY_URL: str(upstream.url)}, timeout=httpx2.Timeout(30.0),
+    route: dict[str, str] = {MCP_PROXY_URL: str(upstream.url)}
+    http_client = httpx2.AsyncClient(headers=route, timeout=httpx2.Timeout(30.0),
                                      event_hooks={"response": [record]})
     async with (
         http_client,
@@ -185,10 +186,10 @@ async def test_fastmcp_client_with_the_platform_sdk_headers(gateway: URL, stream
     # As the aenv SDK builds it: the gateway's /mcp, the instance's base URL and its id as headers.
     sdk_headers = {"AEnvCore-MCPProxy-URL": str(streamable_upstream.url), "AEnvCore-EnvInstance-ID": "inst-42"}
     client = Client(transport=StreamableHttpTransport(str(gateway / "mcp"), headers=sdk_headers), timeout=10)
-    progress: list[tuple[float, float | None, str | None]] = []
+    reported: list[tuple[float, float | None, str | None]] = []
 
-    async def on_progress(step: float, total: float | None, message: str | None) -> None:
-        progress.append((step, total, message))
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        reported.append((progress, total, message))
 
     async with asyncio.timeout(TEST_TIMEOUT_S):
         async with client:
@@ -200,7 +201,7 @@ async def test_fastmcp_client_with_the_platform_sdk_headers(gateway: URL, stream
 
     assert [tool.name for tool in tools] == EXAMPLE_TOOLS
     assert (text_of(added), added.is_error) == ("42", False)
-    assert (text_of(counted), progress) == ("counted to 2", [(1.0, 2.0, "step 1 of 2"), (2.0, 2.0, "step 2 of 2")])
+    assert (text_of(counted), reported) == ("counted to 2", [(1.0, 2.0, "step 1 of 2"), (2.0, 2.0, "step 2 of 2")])
     upstream_headers = seen_upstream.structured_content
     assert upstream_headers is not None
     assert (upstream_headers[ENV_INSTANCE_ID.lower()], upstream_headers["host"]) == (
@@ -212,7 +213,7 @@ async def test_fastmcp_client_with_the_platform_sdk_headers(gateway: URL, stream
 async def test_standalone_get_stream_stays_open_and_carries_server_notifications(
     gateway: URL, streamable_upstream: McpUpstream
 ) -> None:
-    route = {MCP_PROXY_URL: str(streamable_upstream.url)}
+    route: dict[str, str] = {MCP_PROXY_URL: str(streamable_upstream.url)}
     async with asyncio.timeout(TEST_TIMEOUT_S), aiohttp.ClientSession() as http:
         async with http.post(gateway / "mcp", json=INITIALIZE, headers={**BOTH_ACCEPTED, **route}) as initialize:
             assert (initialize.status, initialize.content_type) == (200, "text/event-stream")
@@ -289,7 +290,7 @@ async def test_official_client_over_legacy_sse_through_gateway(gateway: URL, sse
 async def test_legacy_sse_endpoint_stays_on_the_gateway_and_messages_get_202(
     gateway: URL, sse_upstream: McpUpstream
 ) -> None:
-    route = {MCP_PROXY_URL: str(sse_upstream.url)}
+    route: dict[str, str] = {MCP_PROXY_URL: str(sse_upstream.url)}
     sse_url = str(gateway / "sse")
     async with asyncio.timeout(TEST_TIMEOUT_S), aiohttp.ClientSession() as http:
         async with http.get(sse_url, headers=route) as stream:
