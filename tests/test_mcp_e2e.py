@@ -253,6 +253,36 @@ async def test_standalone_get_stream_stays_open_and_carries_server_notifications
                     await next_event(stream)
 
 
+async def test_leaving_the_get_stream_frees_it_for_the_session(
+    gateway: URL, streamable_upstream: McpUpstream
+) -> None:
+    # The server allows one GET stream per session (409 for a second) and the official client
+    # reconnects a dropped one: the gateway must close its upstream side when the client leaves.
+    route: dict[str, str] = {MCP_PROXY_URL: str(streamable_upstream.url)}
+    async with asyncio.timeout(TEST_TIMEOUT_S), aiohttp.ClientSession() as http:
+        async with http.post(gateway / "mcp", json=INITIALIZE, headers={**BOTH_ACCEPTED, **route}) as initialize:
+            session_id = initialize.headers["Mcp-Session-Id"]
+            await initialize.read()
+        in_session = {**route, "Mcp-Session-Id": session_id, "MCP-Protocol-Version": HANDSHAKE_VERSION}
+        async with http.post(gateway / "mcp", json=INITIALIZED, headers={**BOTH_ACCEPTED, **in_session}) as initialized:
+            await initialized.read()
+        stream_headers = {"Accept": "text/event-stream", **in_session}
+
+        async with aiohttp.ClientSession() as first_client:  # its own connection, closed on exit
+            async with first_client.get(gateway / "mcp", headers=stream_headers) as first:
+                assert first.status == 200
+                async with http.get(gateway / "mcp", headers=stream_headers) as second:
+                    assert (second.status, (await second.json())["error"]["code"]) == (409, -32600)
+
+        statuses: list[int] = []
+        async with asyncio.timeout(5):
+            while not statuses or statuses[-1] != 200:
+                async with http.get(gateway / "mcp", headers=stream_headers) as reopened:
+                    statuses.append(reopened.status)
+                await asyncio.sleep(0.05)
+    assert set(statuses[:-1]) <= {409}  # refused only while the upstream still held the old stream
+
+
 async def test_official_client_over_legacy_sse_through_gateway(gateway: URL, sse_upstream: McpUpstream) -> None:
     loop = asyncio.get_running_loop()
     logged: list[Any] = []
