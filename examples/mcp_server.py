@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> None:
     # Bind first, so the printed port is the real one even with --port 0.
     family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
     listener = socket.create_server((args.host, args.port), family=family)
+    # Accepted connections inherit this. uvloop sets it only on sockets it binds itself; without it,
+    # Nagle holds each SSE event back until the client's delayed ACK, some 40 ms per response.
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     host, port = listener.getsockname()[:2]
     path = "/mcp" if args.transport == "streamable-http" else "/sse"
     shown_host = f"[{host}]" if ":" in host else host
