@@ -193,12 +193,16 @@ async def test_fastmcp_client_with_the_platform_sdk_headers(gateway: URL, stream
 
     async with asyncio.timeout(TEST_TIMEOUT_S):
         async with client:
+            negotiated = client.protocol_version
             tools = await client.list_tools()
             added = await client.call_tool_mcp(name="add", arguments={"a": 40, "b": 2}, timeout=10)
             counted = await client.call_tool_mcp(name="count", arguments={"n": 2, "delay_s": 0.05},
                                                  progress_handler=on_progress, timeout=10)
             seen_upstream = await client.call_tool_mcp(name="request_headers", arguments={}, timeout=10)
 
+    # fastmcp probes server/discover first and lands on the sessionless 2026 protocol: no
+    # Mcp-Session-Id on this path (the official client's handshake covers sessions above).
+    assert negotiated == "2026-07-28"
     assert [tool.name for tool in tools] == EXAMPLE_TOOLS
     assert (text_of(added), added.is_error) == ("42", False)
     assert (text_of(counted), reported) == ("counted to 2", [(1.0, 2.0, "step 1 of 2"), (2.0, 2.0, "step 2 of 2")])
