@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
-.PHONY: run test install install-test lint bench clean
+.PHONY: run test install install-test install-examples example lint bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -17,12 +17,22 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(PIP) install -e '.[test]'
 	touch $@
 
+$(VENV)/.installed-examples: pyproject.toml $(VENV)/.installed
+	$(PIP) install -e '.[examples]'
+	touch $@
+
 install: $(VENV)/.installed
+
+install-examples: $(VENV)/.installed-examples
 
 install-test: $(VENV)/.installed-test
 
 run: install
 	$(BIN)/mcp-gateway --config config/gateway.toml
+
+# The bundled example MCP server on 127.0.0.1:9000, for the README's walkthrough.
+example: install-examples
+	$(BIN)/python examples/mcp_server.py --port 9000
 
 test: install-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
