@@ -5,19 +5,31 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from gateway import admin, proxy
 from gateway.admin import READINESS, Readiness
-from gateway.config import Settings
+from gateway.auth import bearer_auth
+from gateway.config import Settings, read_tokens
 from gateway.engines import Engine, build_engine
 from gateway.errors import error_middleware
+from gateway.limits import LIMITS, Limits
 from gateway.upstream import AiohttpClient
+from gateway.via import VIA_MARK, loop_guard, new_mark
 
 
 def build_gateway_app(settings: Settings, engine: Engine | None = None) -> web.Application:
-    app = web.Application(middlewares=[error_middleware])
+    engine = engine or build_engine(settings)
+    limits = Limits(settings)
+    middlewares: list[Middleware] = [error_middleware, limits.middleware, loop_guard]
+    if settings.auth_token_file:
+        tokens = read_tokens(settings.auth_token_file)
+        middlewares.insert(2, bearer_auth(tokens, engine.routing_headers, settings.forward_authorization))
+    app = web.Application(middlewares=middlewares)
     app[proxy.SETTINGS] = settings
-    app[proxy.ENGINE] = engine or build_engine(settings)
+    app[proxy.ENGINE] = engine
+    app[LIMITS] = limits
+    app[VIA_MARK] = new_mark()
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
         app[proxy.UPSTREAM] = AiohttpClient(settings)

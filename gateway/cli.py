@@ -16,6 +16,7 @@ from gateway.app import build_admin_app, build_gateway_app
 from gateway.config import Settings, load_settings
 from gateway.engines import Engine, build_engine
 from gateway.errors import ConfigError
+from gateway.limits import server_limits
 from gateway.log import configure_logging
 
 log = structlog.get_logger(__name__)
@@ -27,7 +28,8 @@ async def serve(settings: Settings, engine: Engine) -> None:
     gateway_app = build_gateway_app(settings, engine)
     # web.run_app and AppRunner leave handler_cancellation off: without it a handler relaying a
     # silent SSE stream never learns that its downstream went away.
-    gateway_runner = web.AppRunner(gateway_app, handler_cancellation=True, access_log=None)
+    gateway_runner = web.AppRunner(gateway_app, handler_cancellation=True, access_log=None,
+                                   **server_limits(settings))
     admin_runner = web.AppRunner(build_admin_app(readiness), access_log=None)
     await gateway_runner.setup()
     await admin_runner.setup()

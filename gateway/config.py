@@ -93,6 +93,23 @@ def _target_rule(raw: str) -> str:
     return raw.strip()
 
 
+def read_tokens(path: str) -> tuple[str, ...]:
+    """The non-empty, non-comment lines of an --auth-token-file; ValueError if none or unreadable."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"must be a readable UTF-8 file ({exc.__class__.__name__})") from exc
+    tokens = tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    if not tokens:
+        raise ValueError("must contain at least one token")
+    return tokens
+
+
+def _token_file(raw: str) -> str:
+    read_tokens(raw)  # an unreadable or empty file stops startup; the app reads it again when built
+    return raw
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(raw: str) -> str:
         if raw not in allowed:
@@ -142,7 +159,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
            repeat=True),
     Option("target_deny", "GATEWAY_TARGET_DENY", _target_rule,
            "denied targets, same forms as --target-allow, checked first; repeatable", repeat=True),
-    Option("auth_token_file", "GATEWAY_AUTH_TOKEN_FILE", str,
+    Option("auth_token_file", "GATEWAY_AUTH_TOKEN_FILE", _token_file,
            "file of bearer tokens, one per line; when set the proxy port needs Authorization: Bearer"),
     Option("forward_authorization", "GATEWAY_FORWARD_AUTHORIZATION", _boolean,
            "forward the caller's Authorization header upstream even when --auth-token-file is set", switch=True),

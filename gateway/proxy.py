@@ -7,7 +7,6 @@ upstream only through the UpstreamClient interface (upstream does).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Final
 
 import structlog
@@ -23,7 +22,9 @@ from gateway.headers import (
     is_event_stream,
     upstream_request_headers,
 )
+from gateway.limits import LIMITS
 from gateway.upstream import Body, UpstreamClient, UpstreamResponse
+from gateway.via import VIA, VIA_MARK
 
 log = structlog.get_logger(__name__)
 
@@ -41,8 +42,10 @@ async def handle(request: web.Request) -> web.StreamResponse:
         return web.json_response({"status": "ok", "engine": engine.name})
 
     target = engine.resolve(request.headers, request.raw_path)
+    request.app[LIMITS].admit(request, target)  # 429 over --max-inflight-per-target
     settings = request.app[SETTINGS]
     upstream_headers = upstream_request_headers(request.headers, target.added_headers)
+    upstream_headers.add(VIA, request.app[VIA_MARK])  # the loop guard's mark (via.py)
     with upstream_errors(target.url):
         async with asyncio.timeout(settings.idle_timeout_s):
             upstream_response = await request.app[UPSTREAM].request(
@@ -68,12 +71,7 @@ async def _request_body(request: web.Request) -> Body:
     length = request.content_length
     if length is not None and length <= SMALL_BODY_BYTES:
         return await request.read()
-    return _stream(request)
-
-
-async def _stream(request: web.Request) -> AsyncIterator[bytes]:
-    async for chunk in request.content.iter_any():
-        yield chunk
+    return request.app[LIMITS].limited(request.content.iter_any())  # 413 past --max-body-size
 
 
 async def _relay_response(
@@ -81,14 +79,16 @@ async def _relay_response(
 ) -> web.StreamResponse:
     # The status line goes on the wire at prepare(): from here on a failure is logged and ends
     # the response, and never becomes a JSON error.
+    streaming = is_event_stream(upstream_response.headers.get(CONTENT_TYPE))
+    stream = request.app[LIMITS].admit_stream(request) if streaming else None  # 503 over --max-streams
     downstream_response = web.StreamResponse(
         status=upstream_response.status,
         reason=upstream_response.reason,
         headers=downstream_response_headers(upstream_response.headers),
     )
     await downstream_response.prepare(request)
-    if is_event_stream(upstream_response.headers.get(CONTENT_TYPE)):
-        await sse.relay(upstream_response, downstream_response)
+    if stream is not None:
+        await sse.relay(upstream_response, downstream_response, stream, settings.sse_keepalive_s)
         return downstream_response
     while True:
         try:

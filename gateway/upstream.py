@@ -16,7 +16,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from gateway.errors import BadUpstreamResponse
+from gateway.errors import BadUpstreamResponse, GatewayError
 from gateway.policy import TargetPolicy
 from gateway.retry import retry_refused
 
@@ -39,6 +39,9 @@ class UpstreamResponse(Protocol):
 
 
 class UpstreamClient(Protocol):
+    """Sends one request. An exception raised by the body iterator (a GatewayError such as
+    BodyTooLarge) comes out of request() unchanged, after the upstream connection was closed."""
+
     async def request(
         self, method: str, url: URL, headers: Mapping[str, str], body: Body
     ) -> UpstreamResponse: ...
@@ -130,6 +133,10 @@ class AiohttpClient:
         except aiohttp.ClientResponseError as exc:
             raise BadUpstreamResponse(exc.message) from exc
         except aiohttp.ClientOSError as exc:
+            raise ConnectionResetError(str(exc)) from exc
+        except aiohttp.ClientConnectionError as exc:
+            if isinstance(exc.__cause__, GatewayError):  # our body iterator refused to go on
+                raise exc.__cause__ from None
             raise ConnectionResetError(str(exc)) from exc
         return AiohttpResponse(response)
 
