@@ -32,11 +32,10 @@ async def relay(
 ) -> None:
     """Pump upstream bytes into an already prepared downstream response until either side ends."""
     stream = stream or OpenStream()
-    loop = asyncio.get_running_loop()
     tail = b""  # the last bytes written, to know whether we are between events
     while not stream.closing:
         try:
-            async with asyncio.timeout(loop.time() + keepalive_s if keepalive_s else None) as stream.timer:
+            async with asyncio.timeout(keepalive_s or None) as stream.timer:
                 chunk = await upstream_response.read_chunk()
         except TimeoutError:
             if not stream.closing and tail.endswith(_EVENT_ENDS):

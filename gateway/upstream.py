@@ -134,6 +134,8 @@ class AiohttpClient:
             raise BadUpstreamResponse(exc.message) from exc
         except aiohttp.ClientOSError as exc:
             raise ConnectionResetError(str(exc)) from exc
+        except TimeoutError:  # aiohttp's ConnectionTimeoutError is one; upstream_errors makes it a 504
+            raise
         except aiohttp.ClientConnectionError as exc:
             if isinstance(exc.__cause__, GatewayError):  # our body iterator refused to go on
                 raise exc.__cause__ from None
