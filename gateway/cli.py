@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Final
 
 import structlog
 from aiohttp import web
@@ -16,39 +17,59 @@ from gateway.app import build_admin_app, build_gateway_app
 from gateway.config import Settings, load_settings
 from gateway.engines import Engine, build_engine
 from gateway.errors import ConfigError
-from gateway.limits import server_limits
+from gateway.limits import LIMITS, Limits, server_limits
 from gateway.log import configure_logging
 
 log = structlog.get_logger(__name__)
 
+# Seconds handlers get after the drain (streams write their last chunk) before aiohttp cancels them.
+CLOSE_GRACE_S: Final = 1.0
+
 
 async def serve(settings: Settings, engine: Engine) -> None:
-    """Serve the proxy and admin ports until SIGTERM or SIGINT."""
+    """Serve the proxy and admin ports until SIGTERM or SIGINT, then drain (docs/security.md)."""
     readiness = Readiness()
     gateway_app = build_gateway_app(settings, engine)
     # web.run_app and AppRunner leave handler_cancellation off: without it a handler relaying a
-    # silent SSE stream never learns that its downstream went away.
+    # silent SSE stream never learns that its downstream went away. shutdown_timeout is what is
+    # left after our own drain: requests still running by then are cancelled.
     gateway_runner = web.AppRunner(gateway_app, handler_cancellation=True, access_log=None,
-                                   **server_limits(settings))
-    admin_runner = web.AppRunner(build_admin_app(readiness), access_log=None)
+                                   shutdown_timeout=CLOSE_GRACE_S, **server_limits(settings))
+    admin_runner = web.AppRunner(build_admin_app(readiness), access_log=None, shutdown_timeout=CLOSE_GRACE_S)
     await gateway_runner.setup()
     await admin_runner.setup()
     try:
         await web.TCPSite(gateway_runner, settings.host, settings.port, backlog=1024).start()
         await web.TCPSite(admin_runner, settings.host, settings.admin_port).start()
-        stop = asyncio.Event()
+        signalled = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, signalled.set)
         readiness.ready = True
         log.info("gateway_started", host=settings.host, port=settings.port,
                  admin_port=settings.admin_port, engine=settings.schedule_type)
-        await stop.wait()
+        await signalled.wait()
         readiness.ready = False
+        await _drain(gateway_app[LIMITS], settings.drain_timeout_s, signalled)
         log.info("gateway_stopping")
     finally:
         await gateway_runner.cleanup()
         await admin_runner.cleanup()
+
+
+async def _drain(limits: Limits, timeout_s: float, signalled: asyncio.Event) -> None:
+    """Keep serving while in-flight requests finish (up to timeout_s); a second signal cuts it short."""
+    log.info("gateway_draining", timeout_s=timeout_s, inflight=limits.inflight, streams=len(limits.streams))
+    signalled.clear()
+    drained = asyncio.ensure_future(limits.drain(timeout_s))
+    second_signal = asyncio.ensure_future(signalled.wait())
+    await asyncio.wait((drained, second_signal), return_when=asyncio.FIRST_COMPLETED)
+    second_signal.cancel()
+    if not drained.done():
+        log.warning("gateway_drain_cut_short", inflight=limits.inflight)
+        drained.cancel()
+        await limits.drain(0)
+    log.info("gateway_drained", inflight=limits.inflight)
 
 
 def _event_loop_factory() -> type[asyncio.AbstractEventLoop] | None:
