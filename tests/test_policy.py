@@ -15,7 +15,8 @@ from pytest_aiohttp import AiohttpClient
 from yarl import URL
 
 from gateway.app import build_gateway_app
-from gateway.errors import TargetForbidden
+from gateway.engines.proxy_url import ProxyUrlEngine
+from gateway.errors import MalformedHeader, TargetForbidden
 from gateway.headers import MCP_PROXY_URL
 from gateway.policy import Rule, TargetPolicy, literal_address
 from gateway.upstream import AiohttpClient as Transport
@@ -186,19 +187,25 @@ async def _make_transport(settings_: Any, factory: Any) -> Transport:
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data(), target=forbidden, path=st.sampled_from(["/", "/mcp", "/sse?x=1"]))
+@given(data=st.data(), target=forbidden, prefix=st.sampled_from(["", "/", "/api", "/x?y=1"]),
+       path=st.sampled_from(["/", "/mcp", "/sse?x=1", "/messages/?session_id=a"]))
 def test_no_forbidden_address_is_ever_connected(
     transport: tuple[asyncio.AbstractEventLoop, Transport, list[Any]], data: st.DataObject,
-    target: tuple[Any, int], path: str,
+    target: tuple[Any, int], prefix: str, path: str,
 ) -> None:
+    # The routing header goes through the engine as in production; what it yields goes to the transport.
     loop, client, connects = transport
     address, port = target
     host = data.draw(_spellings(address))
-    url = URL(f"http://{host}:{port}{path}")
+    header = f"http://{host}:{port}{prefix}"
+    try:
+        resolved = ProxyUrlEngine(name="k8s").resolve({MCP_PROXY_URL: header}, path)
+    except MalformedHeader:
+        return  # refused before any routing: nothing to connect to
     connects.clear()
 
     with pytest.raises(TargetForbidden):
-        loop.run_until_complete(client.request("GET", url, {}, None))
+        loop.run_until_complete(client.request("GET", resolved.url, {}, None))
 
     assert connects == []
 
@@ -234,3 +241,18 @@ def test_a_bad_target_rule_stops_startup_naming_the_flag() -> None:
 
     with pytest.raises(ConfigError, match=r"^--target-deny: \['10\.0\.0\.0/8:99999'\] from --target-deny must have"):
         load_settings(["--target-deny", "10.0.0.0/8:99999"], {})
+
+
+@pytest.mark.parametrize(("path", "allow"), [
+    ("config/gateway.toml", ()),
+    ("config/cluster.toml", ("10.0.0.0/8:8081",)),
+])
+def test_the_shipped_config_files_load(path: str, allow: tuple[str, ...]) -> None:
+    from pathlib import Path
+
+    from gateway.config import load_settings
+
+    root = Path(__file__).resolve().parent.parent
+    settings = load_settings(["--config", str(root / path)], {})
+    assert settings.target_allow == allow
+    TargetPolicy.from_settings(settings)
