@@ -163,6 +163,28 @@ async def test_reset_mid_body_aborts_the_client_connection(
     await _still_serving(gateway, upstream)
 
 
+async def test_a_body_that_stalls_past_the_idle_timeout_aborts_the_client_connection(
+    misbehaving: Misbehaving, upstream: Upstream, aiohttp_client: AiohttpClient
+) -> None:
+    async def stalling(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"a\":")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    url = await misbehaving(stalling)
+    gateway = await aiohttp_client(build_gateway_app(gateway_settings(idle_timeout_s=0.5)))
+
+    with capture_logs() as logs:
+        response = await gateway.get("/mcp", headers={MCP_PROXY_URL: str(url)})
+        assert response.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            async with asyncio.timeout(5):
+                await response.read()
+
+    assert ("upstream_body_failed", "TimeoutError") in [(entry["event"], entry.get("error")) for entry in logs]
+    await _still_serving(gateway, upstream)
+
+
 async def test_truncated_chunked_body_aborts_the_client_connection(
     misbehaving: Misbehaving, upstream: Upstream, aiohttp_client: AiohttpClient
 ) -> None:

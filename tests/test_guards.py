@@ -241,3 +241,15 @@ async def test_streams_over_the_limit_get_503_with_retry_after(
     assert await stream.read() == b""
     again = await gateway.get("/sse", headers=routed)
     assert (again.status, await again.read()) == (200, b"data: hello\n\n")
+
+
+def test_targets_are_counted_by_sandbox_id_else_host_and_port() -> None:
+    from gateway.engines import Target
+    from gateway.limits import target_key
+
+    assert [
+        target_key(Target(URL("http://10.1.2.3:8081/mcp"))),
+        target_key(Target(URL("http://[fd00::1]:8081/"))),
+        target_key(Target(URL("https://arca.example/arca/api/v1/sandbox/sbx-1/mcp"),
+                          (("x-agent-sandbox-api-key", "k"), ("X-Agent-Sandbox-Id", "sbx-1")))),
+    ] == ["10.1.2.3:8081", "[fd00::1]:8081", "sbx-1"]

@@ -121,6 +121,35 @@ async def test_the_gateway_answers_403_naming_the_rule(aiohttp_client: AiohttpCl
     })
 
 
+async def test_a_name_is_checked_at_connect_time_through_the_resolver(
+    upstream: Upstream, aiohttp_client: AiohttpClient
+) -> None:
+    gateway = await aiohttp_client(build_gateway_app(gateway_settings(target_deny=("127.0.0.0/8",))))
+
+    response = await gateway.get("/mcp", headers={MCP_PROXY_URL: f"http://localhost:{upstream.url.port}"})
+
+    assert (response.status, await response.json()) == (403, {
+        "error": f"target 127.0.0.1:{upstream.url.port} is refused by rule: target_deny 127.0.0.0/8",
+        "code": "target_forbidden",
+        "rule": "target_deny 127.0.0.0/8",
+    })
+    assert upstream.seen == []
+
+
+async def test_the_gateways_own_port_is_refused(upstream: Upstream, aiohttp_client: AiohttpClient) -> None:
+    # Pretend the upstream's port is the gateway's own: what a request for itself looks like.
+    port = upstream.url.port
+    assert port is not None
+    gateway = await aiohttp_client(build_gateway_app(gateway_settings(admin_port=port)))
+
+    response = await gateway.get("/mcp", headers={MCP_PROXY_URL: f"http://127.0.0.1:{port}"})
+
+    rule = f"built-in: the gateway's own port {port} on 127.0.0.0/8"
+    assert (response.status, await response.json()) == (403, {
+        "error": f"target 127.0.0.1:{port} is refused by rule: {rule}", "code": "target_forbidden", "rule": rule})
+    assert upstream.seen == []
+
+
 async def test_an_allowed_odd_spelling_is_proxied(upstream: Upstream, aiohttp_client: AiohttpClient) -> None:
     gateway = await aiohttp_client(build_gateway_app(gateway_settings()))
     odd = f"http://2130706433:{upstream.url.port}"  # 127.0.0.1 as one decimal number
