@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/soak.py                 # defaults: 200 MB slow read, 10,000 requests, 1,000 streams
     .venv/bin/python bench/soak.py --big-mb 50 --requests 2000 --streams 200   # a quicker run
+    .venv/bin/python bench/soak.py --requests-only --gateway-root /tmp/other-checkout   # CPU per request
 
 The gateway runs in a child process (this file, `serve` mode) that also writes its asyncio task
 count to a file; the upstream and the load run here. Gateway RSS and open fds come from /proc.
@@ -44,8 +45,8 @@ def remove(path: Path) -> None:
 
 # --- child: the gateway plus a task-count reporter ------------------------------------------------
 
-async def serve_with_stats(argv: list[str], stats_path: str) -> None:
-    sys.path.insert(0, str(ROOT))
+async def serve_with_stats(argv: list[str], stats_path: str, gateway_root: str) -> None:
+    sys.path.insert(0, gateway_root)
     from gateway.cli import serve
     from gateway.config import load_settings
     from gateway.engines import build_engine
@@ -100,6 +101,12 @@ class Upstream:
             await response.write(block)  # waits while the socket buffer is full: back-pressure
             self.big_written += CHUNK
         return response
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (fields 14 and 15 of /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def proc_stats(pid: int, stats_path: Path) -> dict[str, int]:
@@ -191,8 +198,9 @@ async def soak(args: argparse.Namespace) -> dict[str, object]:
     port, admin_port = free_port(), free_port()
     stats_path = Path(tempfile.mkstemp(prefix="soak-tasks-")[1])
     child = await asyncio.create_subprocess_exec(
-        sys.executable, __file__, "serve", str(stats_path), "--",
-        "--host", "127.0.0.1", "--port", str(port), "--admin-port", str(admin_port), "--drain-timeout", "1")
+        sys.executable, __file__, "serve", str(stats_path), args.gateway_root, "--",
+        "--host", "127.0.0.1", "--port", str(port), "--admin-port", str(admin_port),
+        env={**os.environ, "GATEWAY_DRAIN_TIMEOUT": "1"})  # env: an older checkout ignores what it lacks
     gateway = f"http://127.0.0.1:{port}"
     result: dict[str, object] = {}
     try:
@@ -203,6 +211,8 @@ async def soak(args: argparse.Namespace) -> dict[str, object]:
                         if ready.status == 200:
                             break
                 except aiohttp.ClientConnectionError:
+                    if child.returncode is not None:
+                        raise RuntimeError(f"the gateway exited with {child.returncode}") from None
                     await asyncio.sleep(0.1)
         async with asyncio.timeout(60):  # warm-up: pools, caches and lazy imports exist before the baseline
             await requests_phase(gateway, routed, 200, 20)
@@ -210,10 +220,13 @@ async def soak(args: argparse.Namespace) -> dict[str, object]:
         baseline = await settle(child.pid, stats_path, {"fds": 0, "tasks": 0}, 3)
         result["baseline"] = baseline
 
-        started = time.monotonic()
+        started, cpu_before = time.monotonic(), cpu_seconds(child.pid)
         async with asyncio.timeout(args.phase_timeout):
             result["requests"] = await requests_phase(gateway, routed, args.requests, args.concurrency)
         result["requests_per_s"] = round(args.requests / (time.monotonic() - started))
+        result["gateway_cpu_us_per_request"] = round((cpu_seconds(child.pid) - cpu_before) / args.requests * 1e6)
+        if args.requests_only:
+            return result
         result["after_requests"] = proc_stats(child.pid, stats_path)
         async with asyncio.timeout(args.phase_timeout):
             result["streams_dropped"] = await streams_phase(gateway, routed, args.streams, args.concurrency)
@@ -227,7 +240,8 @@ async def soak(args: argparse.Namespace) -> dict[str, object]:
         assert isinstance(settled, dict)
         result["leak_free"] = settled["fds"] <= baseline["fds"] and settled["tasks"] <= baseline["tasks"]
     finally:
-        child.send_signal(signal.SIGTERM)
+        if child.returncode is None:
+            child.send_signal(signal.SIGTERM)
         try:
             async with asyncio.timeout(10):
                 result["exit_code"] = await child.wait()
@@ -241,7 +255,7 @@ async def soak(args: argparse.Namespace) -> dict[str, object]:
 
 def main() -> None:
     if len(sys.argv) > 2 and sys.argv[1] == "serve":
-        asyncio.run(serve_with_stats(sys.argv[4:], sys.argv[2]))
+        asyncio.run(serve_with_stats(sys.argv[5:], sys.argv[2], sys.argv[3]))
         return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=10_000)
@@ -250,6 +264,8 @@ def main() -> None:
     parser.add_argument("--big-mb", type=int, default=200)
     parser.add_argument("--read-kib-per-tick", type=int, default=256, help="slow reader: KiB per 10 ms")
     parser.add_argument("--phase-timeout", type=float, default=120.0)
+    parser.add_argument("--gateway-root", default=str(ROOT), help="import the gateway package from here")
+    parser.add_argument("--requests-only", action="store_true", help="stop after the requests phase")
     args = parser.parse_args()
     print(json.dumps(asyncio.run(soak(args)), indent=2))
 
