@@ -23,8 +23,10 @@ def build_gateway_app(settings: Settings, engine: Engine | None = None) -> web.A
     limits = Limits(settings)
     middlewares: list[Middleware] = [error_middleware, limits.middleware, loop_guard]
     if settings.auth_token_file:
+        # Before limits: auth hands inner layers a clone of the request, and limits must count and
+        # release on the same object the proxy admits.
         tokens = read_tokens(settings.auth_token_file)
-        middlewares.insert(2, bearer_auth(tokens, engine.routing_headers, settings.forward_authorization))
+        middlewares.insert(1, bearer_auth(tokens, engine.routing_headers, settings.forward_authorization))
     app = web.Application(middlewares=middlewares)
     app[proxy.SETTINGS] = settings
     app[proxy.ENGINE] = engine

@@ -253,3 +253,16 @@ def test_targets_are_counted_by_sandbox_id_else_host_and_port() -> None:
         target_key(Target(URL("https://arca.example/arca/api/v1/sandbox/sbx-1/mcp"),
                           (("x-agent-sandbox-api-key", "k"), ("X-Agent-Sandbox-Id", "sbx-1")))),
     ] == ["10.1.2.3:8081", "[fd00::1]:8081", "sbx-1"]
+
+
+async def test_auth_and_inflight_limits_release_every_slot(
+    token_file: str, upstream: Upstream, aiohttp_client: AiohttpClient
+) -> None:
+    # Regression: auth hands a cloned request inward; a slot taken on the clone was never released.
+    settings = gateway_settings(auth_token_file=token_file, max_inflight_per_target=1)
+    gateway = await aiohttp_client(build_gateway_app(settings))
+    headers = {MCP_PROXY_URL: str(upstream.url), "Authorization": "Bearer s3cret-one"}
+
+    statuses = [(await gateway.get("/mcp", headers=headers)).status for _ in range(3)]
+
+    assert statuses == [200, 200, 200]
