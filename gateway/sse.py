@@ -32,7 +32,7 @@ async def relay(
 ) -> None:
     """Pump upstream bytes into an already prepared downstream response until either side ends."""
     stream = stream or OpenStream()
-    tail = b""  # the last bytes written, to know whether we are between events
+    tail = b"\n\n"  # the last bytes written, to know whether we are between events (at the start: yes)
     while not stream.closing:
         try:
             async with asyncio.timeout(keepalive_s or None) as stream.timer:

@@ -65,7 +65,14 @@ async def quiet_sse(aiohttp_server: AiohttpServer) -> AsyncIterator[URL]:
         await done.wait()
         return response
 
+    async def silent(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await done.wait()
+        return response
+
     app = web.Application()
+    app.router.add_get("/silent", silent)
     app.router.add_get("/event", event)
     app.router.add_get("/split", split)
     server = await aiohttp_server(app)
@@ -83,6 +90,18 @@ async def test_sse_keepalive_is_written_while_the_upstream_is_quiet(
         received = [await response.content.readuntil(b"\n\n") for _ in range(3)]
 
     assert received == [b"data: hello\n\n", b": keepalive\n\n", b": keepalive\n\n"]
+    response.close()
+
+
+async def test_sse_keepalive_starts_before_the_first_event(quiet_sse: URL, aiohttp_client: AiohttpClient) -> None:
+    # A GET /mcp stream may carry no event for minutes: exactly what idle load balancers cut.
+    gateway = await aiohttp_client(build_gateway_app(gateway_settings(sse_keepalive_s=0.2)))
+    response = await gateway.get("/silent", headers={MCP_PROXY_URL: str(quiet_sse)})
+
+    async with asyncio.timeout(5):
+        received = await response.content.readuntil(b"\n\n")
+
+    assert received == b": keepalive\n\n"
     response.close()
 
 
