@@ -266,3 +266,15 @@ async def test_auth_and_inflight_limits_release_every_slot(
     statuses = [(await gateway.get("/mcp", headers=headers)).status for _ in range(3)]
 
     assert statuses == [200, 200, 200]
+
+
+def test_every_gateway_error_has_a_unique_code_and_an_error_status() -> None:
+    from gateway import errors
+
+    def family(cls: type[errors.GatewayError]) -> list[type[errors.GatewayError]]:
+        return [cls, *(member for sub in cls.__subclasses__() for member in family(sub))]
+
+    concrete = [cls for cls in family(errors.GatewayError) if not cls.__name__.startswith("_")]
+    codes = [cls.code for cls in concrete]
+    assert len(codes) == len(set(codes))
+    assert all(400 <= cls.status <= 599 for cls in concrete)
