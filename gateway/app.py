@@ -6,16 +6,20 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
 
 from gateway import admin, proxy
 from gateway.admin import READINESS, Readiness
-from gateway.config import Settings
+from gateway.auth import bearer_auth
+from gateway.config import Settings, read_tokens
 from gateway.engines import Engine, build_engine
 from gateway.errors import error_middleware
+from gateway.limits import LIMITS, Limits
 from gateway.log import install_access_log
 from gateway.metrics import METRICS, Metrics
 from gateway.upstream import AiohttpClient
+from gateway.via import VIA_MARK, loop_guard, new_mark
 
 # How the data plane must be served (AppRunner / TestServer keyword arguments):
 # - handler_cancellation: web.run_app and AppRunner leave it off, and then a handler relaying a silent
@@ -32,11 +36,21 @@ GATEWAY_SERVER_OPTIONS: Final[Mapping[str, Any]] = {
 def build_gateway_app(
     settings: Settings, engine: Engine | None = None, metrics: Metrics | None = None
 ) -> web.Application:
-    app = web.Application(middlewares=[error_middleware])
+    engine = engine or build_engine(settings)
+    limits = Limits(settings)
+    middlewares: list[Middleware] = [error_middleware, limits.middleware, loop_guard]
+    if settings.auth_token_file:
+        # Before limits: auth hands inner layers a clone of the request, and limits must count and
+        # release on the same object the proxy admits.
+        tokens = read_tokens(settings.auth_token_file)
+        middlewares.insert(1, bearer_auth(tokens, engine.routing_headers, settings.forward_authorization))
+    app = web.Application(middlewares=middlewares)
     app[proxy.SETTINGS] = settings
-    app[proxy.ENGINE] = engine or build_engine(settings)
+    app[proxy.ENGINE] = engine
+    app[LIMITS] = limits
+    app[VIA_MARK] = new_mark()
     app[METRICS] = metrics or Metrics.build(CollectorRegistry())
-    install_access_log(app, settings, app[METRICS], app[proxy.ENGINE].name)
+    install_access_log(app, settings, app[METRICS], engine.name)
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
         app[proxy.UPSTREAM] = AiohttpClient(settings)

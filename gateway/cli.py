@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Final
 
 import structlog
 from aiohttp import web
@@ -17,39 +18,65 @@ from gateway.app import GATEWAY_SERVER_OPTIONS, build_admin_app, build_gateway_a
 from gateway.config import Settings, load_settings
 from gateway.engines import Engine, build_engine
 from gateway.errors import ConfigError
+from gateway.limits import LIMITS, Limits, server_limits
 from gateway.log import configure_logging, shown_settings
 from gateway.metrics import Metrics, use_multiprocess_dir
 from gateway.supervisor import SUPERVISOR_PID_ENV, supervise
 
 log = structlog.get_logger(__name__)
 
+# Seconds handlers get after the drain (streams write their last chunk) before aiohttp cancels them.
+CLOSE_GRACE_S: Final = 1.0
+
 
 async def serve(settings: Settings, engine: Engine, reuse_port: bool = False) -> None:
-    """Serve the proxy and admin ports until SIGTERM or SIGINT; reuse_port when a supervisor runs several."""
+    """Serve the proxy and admin ports until SIGTERM or SIGINT, then drain (docs/security.md).
+
+    reuse_port when a supervisor runs several workers on the same ports (docs/scaling.md).
+    """
     readiness = Readiness()
     metrics = Metrics.build(CollectorRegistry(), settings.metrics_multiproc_dir)
     gateway_app = build_gateway_app(settings, engine, metrics)
-    gateway_runner = web.AppRunner(gateway_app, **GATEWAY_SERVER_OPTIONS)
-    admin_runner = web.AppRunner(build_admin_app(readiness, metrics), access_log=None)
+    # shutdown_timeout is what is left after our own drain: requests still running then are cancelled.
+    gateway_runner = web.AppRunner(gateway_app, **GATEWAY_SERVER_OPTIONS, shutdown_timeout=CLOSE_GRACE_S,
+                                   **server_limits(settings))
+    admin_runner = web.AppRunner(build_admin_app(readiness, metrics), access_log=None,
+                                 shutdown_timeout=CLOSE_GRACE_S)
     await gateway_runner.setup()
     await admin_runner.setup()
     try:
         await web.TCPSite(gateway_runner, settings.host, settings.port, backlog=1024, reuse_port=reuse_port).start()
         await web.TCPSite(admin_runner, settings.host, settings.admin_port, reuse_port=reuse_port).start()
-        stop = asyncio.Event()
+        signalled = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, signalled.set)
         readiness.ready = True
         log.info("gateway_started", host=settings.host, port=settings.port,
                  admin_port=settings.admin_port, engine=settings.schedule_type)
-        await stop.wait()
+        await signalled.wait()
         readiness.ready = False
+        await _drain(gateway_app[LIMITS], settings.drain_timeout_s, signalled)
         log.info("gateway_stopping")
     finally:
         await gateway_runner.cleanup()
         await admin_runner.cleanup()
         metrics.retire()
+
+
+async def _drain(limits: Limits, timeout_s: float, signalled: asyncio.Event) -> None:
+    """Keep serving while in-flight requests finish (up to timeout_s); a second signal cuts it short."""
+    log.info("gateway_draining", timeout_s=timeout_s, inflight=limits.inflight, streams=len(limits.streams))
+    signalled.clear()
+    drained = asyncio.ensure_future(limits.drain(timeout_s))
+    second_signal = asyncio.ensure_future(signalled.wait())
+    await asyncio.wait((drained, second_signal), return_when=asyncio.FIRST_COMPLETED)
+    second_signal.cancel()
+    if not drained.done():
+        log.warning("gateway_drain_cut_short", inflight=limits.inflight)
+        drained.cancel()
+        await limits.drain(0)
+    log.info("gateway_drained", inflight=limits.inflight)
 
 
 def _event_loop_factory() -> type[asyncio.AbstractEventLoop] | None:

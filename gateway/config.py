@@ -17,6 +17,7 @@ from yarl import URL
 
 from gateway.engines import ENGINE_NAMES
 from gateway.errors import ConfigError
+from gateway.policy import Rule
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +39,17 @@ class Settings:
     log_level: str = "info"
     log_bodies: int = 0
     metrics_multiproc_dir: str = ""
+    target_allow: tuple[str, ...] = ()
+    target_deny: tuple[str, ...] = ()
+    auth_token_file: str | None = None
+    forward_authorization: bool = False
+    max_body_size: int = 100 * 1024 * 1024
+    max_header_size: int = 64 * 1024
+    max_inflight_per_target: int = 0
+    max_streams: int = 0
+    sse_keepalive_s: float = 0.0
+    connect_retry_budget_s: float = 2.0
+    drain_timeout_s: float = 30.0
     config_path: str | None = None
 
 
@@ -64,11 +76,54 @@ def _workers(raw: str) -> int:
     return int(raw)
 
 
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
 def _non_negative_int(raw: str) -> int:
     value = int(raw)
     if value < 0:
         raise ValueError("must be 0 or more")
     return value
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def _boolean(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError("must be true or false")
+    return lowered in ("true", "1", "yes")
+
+
+def _target_rule(raw: str) -> str:
+    Rule.parse(raw)  # a bad rule stops startup; the policy parses the text again when it is built
+    return raw.strip()
+
+
+def read_tokens(path: str) -> tuple[str, ...]:
+    """The non-empty, non-comment lines of an --auth-token-file; ValueError if none or unreadable."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"must be a readable UTF-8 file ({exc.__class__.__name__})") from exc
+    tokens = tuple(line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#"))
+    if not tokens:
+        raise ValueError("must contain at least one token")
+    return tokens
+
+
+def _token_file(raw: str) -> str:
+    read_tokens(raw)  # an unreadable or empty file stops startup; the app reads it again when built
+    return raw
 
 
 def _choice(*allowed: str) -> Callable[[str], str]:
@@ -102,6 +157,8 @@ class Option:
     parse: Callable[[str], Any]
     help: str
     secret: bool = False
+    repeat: bool = False  # a list: the flag repeats, env and TOML strings are comma-separated
+    switch: bool = False  # a flag without a value (--forward-authorization); env/TOML take true/false
 
     @property
     def flag(self) -> str:
@@ -129,6 +186,28 @@ OPTIONS: Final[tuple[Option, ...]] = (
            "log the first N bytes of non-SSE bodies, secrets redacted (0: none)"),
     Option("metrics_multiproc_dir", "GATEWAY_METRICS_MULTIPROC_DIR", str,
            "directory shared by worker processes for aggregated /metrics (empty: one process)"),
+    Option("target_allow", "GATEWAY_TARGET_ALLOW", _target_rule,
+           "allowed targets: CIDR, address, host name or *.suffix, each with an optional :port; repeatable",
+           repeat=True),
+    Option("target_deny", "GATEWAY_TARGET_DENY", _target_rule,
+           "denied targets, same forms as --target-allow, checked first; repeatable", repeat=True),
+    Option("auth_token_file", "GATEWAY_AUTH_TOKEN_FILE", _token_file,
+           "file of bearer tokens, one per line; when set the proxy port needs Authorization: Bearer"),
+    Option("forward_authorization", "GATEWAY_FORWARD_AUTHORIZATION", _boolean,
+           "forward the caller's Authorization header upstream even when --auth-token-file is set", switch=True),
+    Option("max_body_size", "GATEWAY_MAX_BODY_SIZE", _positive_int, "largest request body in bytes (413 above)"),
+    Option("max_header_size", "GATEWAY_MAX_HEADER_SIZE", _positive_int,
+           "largest request header section in bytes (431 above)"),
+    Option("max_inflight_per_target", "GATEWAY_MAX_INFLIGHT_PER_TARGET", _non_negative_int,
+           "concurrent requests per target, 0 = unlimited (429 above)"),
+    Option("max_streams", "GATEWAY_MAX_STREAMS", _non_negative_int,
+           "open SSE streams in total, 0 = unlimited (503 above)"),
+    Option("sse_keepalive_s", "GATEWAY_SSE_KEEPALIVE", _non_negative_float,
+           "seconds of SSE silence before a ': keepalive' comment line, 0 = off"),
+    Option("connect_retry_budget_s", "GATEWAY_CONNECT_RETRY_BUDGET", _non_negative_float,
+           "seconds to keep retrying a refused upstream connection, 0 = no retry"),
+    Option("drain_timeout_s", "GATEWAY_DRAIN_TIMEOUT", _non_negative_float,
+           "seconds in-flight requests get to finish after SIGTERM/SIGINT"),
 )
 _DEFAULTS: Final = Settings()
 _FIELD_NAMES: Final = frozenset(f.name for f in fields(Settings))
@@ -147,8 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     for option in OPTIONS:
         default = "unset" if option.secret else getattr(_DEFAULTS, option.name)
         env = f"env: {option.env}, " if option.env else ""
-        parser.add_argument(option.flag, dest=option.name, metavar=option.name.upper(),
-                            help=f"{option.help} ({env}default: {default})")
+        text = f"{option.help} ({env}default: {default})"
+        if option.switch:
+            parser.add_argument(option.flag, dest=option.name, action="store_const", const="true", help=text)
+        else:
+            parser.add_argument(option.flag, dest=option.name, metavar=option.name.upper(),
+                                action="append" if option.repeat else "store", help=text)
     return parser
 
 
@@ -183,9 +266,9 @@ def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
         else:
             continue
         try:
-            values[option.name] = option.parse(str(raw))
+            values[option.name] = _parse_list(option, raw) if option.repeat else option.parse(str(raw))
         except ValueError as exc:
-            shown = "<redacted>" if option.secret else repr(str(raw))
+            shown = "<redacted>" if option.secret else repr(raw if option.repeat else str(raw))
             raise ConfigError(f"{option.flag}: {shown} from {source} {_reason(exc)}") from exc
     if values.get("arca_api_key_file"):
         values["arca_api_key"] = _read_key_file(values["arca_api_key_file"], values.get("arca_api_key"))
@@ -209,6 +292,12 @@ def _read_key_file(path: str, key_given: str | None) -> str:
     except ValueError as exc:
         problem = "is empty" if not raw else str(exc)
         raise ConfigError(f"--arca-api-key-file: {path} {problem}") from exc
+
+
+def _parse_list(option: Option, raw: Any) -> tuple[Any, ...]:
+    """A repeated flag gives a list; an environment or TOML string is comma-separated."""
+    items = [raw] if isinstance(raw, str) else list(raw)
+    return tuple(option.parse(part.strip()) for item in items for part in str(item).split(",") if part.strip())
 
 
 def _reason(exc: ValueError) -> str:

@@ -8,7 +8,14 @@
     ├── DataPlaneUnsupported    501  arca reject mode; body is the aenv envelope the SDK parses
     ├── UpstreamUnreachable     502  refused, reset or unresolvable before a response
     ├── UpstreamBroken          502  the upstream answered with something that is not HTTP
-    └── UpstreamTimeout         504  no connection or no response headers in time
+    ├── UpstreamTimeout         504  no connection or no response headers in time
+    ├── Unauthorized            401  --auth-token-file is set and the bearer token is missing or wrong
+    ├── TargetForbidden         403  the target policy refuses the upstream address (names the rule)
+    ├── BodyTooLarge            413  the request body exceeds --max-body-size
+    ├── TargetBusy              429  --max-inflight-per-target reached (Retry-After)
+    ├── HeadersTooLarge         431  the request headers exceed --max-header-size
+    ├── TooManyStreams          503  --max-streams reached (Retry-After)
+    └── LoopDetected            508  the request already passed through this gateway
 """
 
 from __future__ import annotations
@@ -44,6 +51,9 @@ class GatewayError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": self.message, "code": self.code}
+
+    def response_headers(self) -> dict[str, str]:
+        return {}
 
 
 class MissingHeader(GatewayError):
@@ -92,6 +102,58 @@ class UpstreamTimeout(GatewayError):
     code = "upstream_timeout"
 
 
+class Unauthorized(GatewayError):
+    status = 401
+    code = "unauthorized"
+
+    def response_headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="mcp-gateway"'}
+
+
+class TargetForbidden(GatewayError):
+    status = 403
+    code = "target_forbidden"
+
+    def __init__(self, message: str, rule: str) -> None:
+        super().__init__(message)
+        self.rule = rule
+
+    def body(self) -> dict[str, Any]:
+        return {"error": self.message, "code": self.code, "rule": self.rule}
+
+
+class BodyTooLarge(GatewayError):
+    status = 413
+    code = "body_too_large"
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    code = "headers_too_large"
+
+
+class _RetryLater(GatewayError):
+    retry_after_s: ClassVar[int] = 1
+
+    def response_headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class TargetBusy(_RetryLater):
+    status = 429
+    code = "target_busy"
+
+
+class TooManyStreams(_RetryLater):
+    status = 503
+    code = "too_many_streams"
+
+
+class LoopDetected(GatewayError):
+    status = 508
+    code = "loop_detected"
+
+
 def authority(url: URL) -> str:
     """host:port of a target, the only part of it an error message or log line shows."""
     host = f"[{url.host}]" if url.host and ":" in url.host else url.host
@@ -128,4 +190,4 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except GatewayError as exc:
         request[ANSWERED_ERROR] = exc
-        return web.json_response(exc.body(), status=exc.status)
+        return web.json_response(exc.body(), status=exc.status, headers=exc.response_headers())

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import Final
 
 import structlog
@@ -26,8 +26,10 @@ from gateway.headers import (
     is_event_stream,
     upstream_request_headers,
 )
+from gateway.limits import LIMITS
 from gateway.metrics import METRICS
 from gateway.upstream import Body, UpstreamClient, UpstreamResponse
+from gateway.via import VIA, VIA_MARK
 
 log = structlog.get_logger(__name__)
 
@@ -47,9 +49,11 @@ async def handle(request: web.Request) -> web.StreamResponse:
     target = engine.resolve(request.headers, request.raw_path)
     exchange = request[EXCHANGE]
     exchange.target = authority(target.url)
+    request.app[LIMITS].admit(request, target)  # 429 over --max-inflight-per-target
     settings = request.app[SETTINGS]
     upstream_headers = upstream_request_headers(request.headers, target.added_headers)
     upstream_headers[REQUEST_ID] = exchange.request_id
+    upstream_headers.add(VIA, request.app[VIA_MARK])  # the loop guard's mark (via.py)
     forwarded_at = time.perf_counter()
     with upstream_errors(target.url):
         async with asyncio.timeout(settings.idle_timeout_s):
@@ -75,11 +79,11 @@ async def _request_body(request: web.Request, exchange: Exchange) -> Body:
     if length is not None and length <= SMALL_BODY_BYTES:
         body = exchange.body_head = await request.read()
         return body
-    return _stream(request, exchange)
+    return _stream(request.app[LIMITS].limited(request.content.iter_any()), exchange)  # 413 past --max-body-size
 
 
-async def _stream(request: web.Request, exchange: Exchange) -> AsyncIterator[bytes]:
-    async for chunk in request.content.iter_any():
+async def _stream(chunks: AsyncIterable[bytes], exchange: Exchange) -> AsyncIterator[bytes]:
+    async for chunk in chunks:
         exchange.keep_body_chunk(chunk)
         yield chunk
 
@@ -89,15 +93,17 @@ async def _relay_response(
 ) -> web.StreamResponse:
     # The status line goes on the wire at prepare(): from here on a failure is logged and ends
     # the response, and never becomes a JSON error.
+    streaming = is_event_stream(upstream_response.headers.get(CONTENT_TYPE))
+    stream = request.app[LIMITS].admit_stream(request) if streaming else None  # 503 over --max-streams
     downstream_response = web.StreamResponse(
         status=upstream_response.status,
         reason=upstream_response.reason,
         headers=downstream_response_headers(upstream_response.headers),
     )
     await downstream_response.prepare(request)
-    if is_event_stream(upstream_response.headers.get(CONTENT_TYPE)):
+    if stream is not None:
         with request.app[METRICS].open_stream(exchange):
-            await sse.relay(upstream_response, downstream_response, exchange)
+            await sse.relay(upstream_response, downstream_response, exchange, stream, settings.sse_keepalive_s)
         return downstream_response
     while True:
         try:

@@ -1,32 +1,59 @@
 """Relaying text/event-stream: each chunk is written the moment it arrives, never parsed or held.
 
-No idle limit applies (streams sit quiet between events). An upstream that ends or breaks ends
-the downstream stream cleanly; a downstream that leaves ends the relay (the handler is cancelled).
+No idle limit applies (streams sit quiet between events); with --sse-keepalive a comment line is
+written while the upstream is quiet, only between events. An upstream that ends or breaks, or the
+drain at shutdown, ends the downstream stream cleanly; a downstream that leaves ends the relay.
+Needs read_chunk() to be cancel-safe: a read cut by the keepalive timer loses no bytes.
 """
 
 from __future__ import annotations
+
+import asyncio
+from typing import Final
 
 import structlog
 from aiohttp import web
 
 from gateway.exchange import Exchange
+from gateway.limits import OpenStream
 from gateway.upstream import UpstreamResponse
 
 log = structlog.get_logger(__name__)
 
+KEEPALIVE: Final = b": keepalive\n\n"
+# An event ends at a blank line; the three line endings of the SSE spec (WHATWG HTML §9.2.5).
+_EVENT_ENDS: Final = (b"\n\n", b"\r\r", b"\r\n\r\n")
+
+
 
 async def relay(
-    upstream_response: UpstreamResponse, downstream_response: web.StreamResponse, exchange: Exchange
+    upstream_response: UpstreamResponse,
+    downstream_response: web.StreamResponse,
+    exchange: Exchange,
+    stream: OpenStream | None = None,
+    keepalive_s: float = 0.0,
 ) -> None:
     """Pump upstream bytes into an already prepared downstream response until either side ends."""
-    while True:
+    stream = stream or OpenStream()
+    tail = b"\n\n"  # the last bytes written, to know whether we are between events (at the start: yes)
+    while not stream.closing:
         try:
-            chunk = await upstream_response.read_chunk()
+            async with asyncio.timeout(keepalive_s or None) as stream.timer:
+                chunk = await upstream_response.read_chunk()
+        except TimeoutError:
+            if not stream.closing and tail.endswith(_EVENT_ENDS):
+                await downstream_response.write(KEEPALIVE)
+            continue
         except OSError:
             exchange.upstream_failed("reset_mid_stream")  # the access log line records it
             break
+        finally:
+            stream.timer = None
         if not chunk:
             break
         exchange.bytes_out += len(chunk)
         await downstream_response.write(chunk)  # raises ConnectionResetError once the client left
+        tail = (tail + chunk)[-4:] if len(chunk) < 4 else chunk[-4:]
+    if stream.closing:
+        log.info("sse_closed_by_drain")
     await downstream_response.write_eof()

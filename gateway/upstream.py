@@ -7,14 +7,18 @@ TimeoutError or BadUpstreamResponse, which errors.upstream_errors maps to gatewa
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Mapping
+import socket
+from collections.abc import AsyncIterable, Callable, Mapping
 from typing import TYPE_CHECKING, Final, Protocol
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from gateway.errors import BadUpstreamResponse
+from gateway.errors import BadUpstreamResponse, GatewayError
+from gateway.policy import TargetPolicy
+from gateway.retry import retry_refused
 
 if TYPE_CHECKING:
     from gateway.config import Settings
@@ -35,6 +39,9 @@ class UpstreamResponse(Protocol):
 
 
 class UpstreamClient(Protocol):
+    """Sends one request. An exception raised by the body iterator (a GatewayError such as
+    BodyTooLarge) comes out of request() unchanged, after the upstream connection was closed."""
+
     async def request(
         self, method: str, url: URL, headers: Mapping[str, str], body: Body
     ) -> UpstreamResponse: ...
@@ -65,11 +72,38 @@ class AiohttpResponse:
         self._response.release()
 
 
-class AiohttpClient:
-    """The transport on aiohttp's client: an unlimited pool, no decompression, cookies or redirects."""
+class PolicyResolver(AbstractResolver):
+    """aiohttp's DNS seam, answered by the target policy: only checked addresses reach connect()."""
 
-    def __init__(self, settings: Settings) -> None:
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=10)
+    def __init__(self, policy: TargetPolicy) -> None:
+        self._policy = policy
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        return [
+            ResolveResult(hostname=host, host=address, port=port,
+                          family=socket.AF_INET6 if ":" in address else socket.AF_INET,
+                          proto=0, flags=socket.AI_NUMERICHOST)
+            for address in await self._policy.resolve_allowed(host, port)
+        ]
+
+    async def close(self) -> None:
+        pass
+
+
+class AiohttpClient:
+    """The transport on aiohttp's client: an unlimited pool, no decompression, cookies or redirects.
+
+    Every connection goes through the target policy: names via PolicyResolver, IP literals (which
+    aiohttp never resolves) in request(). `socket_factory` lets a test see each connect attempt.
+    """
+
+    def __init__(self, settings: Settings, socket_factory: Callable[..., socket.socket] | None = None) -> None:
+        self._policy = TargetPolicy.from_settings(settings)
+        self._retry_budget_s = settings.connect_retry_budget_s
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=10,
+                                         resolver=PolicyResolver(self._policy), socket_factory=socket_factory)
         self._session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
@@ -81,6 +115,13 @@ class AiohttpClient:
         )
 
     async def request(self, method: str, url: URL, headers: Mapping[str, str], body: Body) -> AiohttpResponse:
+        assert url.host is not None and url.port is not None  # engines only build URLs with both
+        literal = self._policy.allowed_literal(url.host, url.port)
+        if literal is not None and literal != url.host:  # 0x7f.1 or ::ffff:… : connect where it points
+            url = url.with_host(literal)
+        return await retry_refused(lambda: self._send(method, url, headers, body), self._retry_budget_s)
+
+    async def _send(self, method: str, url: URL, headers: Mapping[str, str], body: Body) -> AiohttpResponse:
         try:
             response = await self._session.request(
                 method, url, headers=headers, data=body, allow_redirects=False
@@ -92,6 +133,12 @@ class AiohttpClient:
         except aiohttp.ClientResponseError as exc:
             raise BadUpstreamResponse(exc.message) from exc
         except aiohttp.ClientOSError as exc:
+            raise ConnectionResetError(str(exc)) from exc
+        except TimeoutError:  # aiohttp's ConnectionTimeoutError is one; upstream_errors makes it a 504
+            raise
+        except aiohttp.ClientConnectionError as exc:
+            if isinstance(exc.__cause__, GatewayError):  # our body iterator refused to go on
+                raise exc.__cause__ from None
             raise ConnectionResetError(str(exc)) from exc
         return AiohttpResponse(response)
 

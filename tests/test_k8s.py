@@ -16,7 +16,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from gateway.config import OPTIONS, load_settings
+from gateway.config import load_settings
 from gateway.supervisor import DEFAULT_DRAIN_TIMEOUT_S, STOP_MARGIN_S
 
 K8S = Path(__file__).parent.parent / "config" / "k8s"
@@ -24,7 +24,6 @@ KUSTOMIZATIONS = ["base", "overlays/production"]
 # The oldest Kubernetes still widely run, and the newest the schemas know.
 KUBERNETES_VERSIONS = ["1.30.0", kubernetes_validate.latest_version() + ".0"]
 # Target policy settings arrive with issue #5 (safety); the manifests already carry them.
-POLICY_SETTINGS = {"target_allow", "target_deny"}
 
 
 def render(kustomization: str) -> list[dict[str, Any]]:
@@ -131,15 +130,18 @@ def test_prometheus_scrapes_the_admin_port(rendered: dict[str, dict[str, Any]]) 
     }
 
 
-def test_config_map_holds_valid_settings_and_a_target_allow_list(rendered: dict[str, dict[str, Any]]) -> None:
+def test_config_map_holds_valid_settings_and_a_target_allow_list(
+    rendered: dict[str, dict[str, Any]], tmp_path: Path
+) -> None:
     config_map = rendered["ConfigMap"]
     volumes = rendered["Deployment"]["spec"]["template"]["spec"]["volumes"]
     [volume] = [volume for volume in volumes if "configMap" in volume]
     table = tomllib.loads(config_map["data"]["gateway.toml"])
 
     assert volume["configMap"]["name"] == config_map["metadata"]["name"]
-    assert set(table) - POLICY_SETTINGS <= {option.name for option in OPTIONS}
     assert table["target_allow"] == ["10.0.0.0/8:8081"]
-    flags = [arg for option in OPTIONS if option.name in table for arg in (option.flag, str(table[option.name]))]
-    settings = load_settings(flags, {})
-    assert (settings.port, settings.admin_port, settings.schedule_type) == (8081, 8082, "k8s")
+    config = tmp_path / "gateway.toml"
+    config.write_text(config_map["data"]["gateway.toml"])
+    settings = load_settings(["--config", str(config)], {})
+    assert (settings.port, settings.admin_port, settings.schedule_type, settings.target_allow) == (
+        8081, 8082, "k8s", ("10.0.0.0/8:8081",))

@@ -79,6 +79,7 @@ async def test_headers_pass_both_ways_except_hop_by_hop_and_routing(gateway, aio
     assert resp.status == 200
     [upstream_saw] = seen_headers
     assert upstream_saw.pop("X-Request-ID")  # the gateway's request id travels with the request
+    assert upstream_saw.pop("Via").startswith("1.1 ")  # the loop guard's mark
     assert {k: v for k, v in upstream_saw.items() if k not in ("Host", "Content-Length")} == {
         "Authorization": "Bearer t", "Mcp-Session-Id": "s-1", "Mcp-Protocol-Version": "2025-06-18",
         "Last-Event-ID": "41", "Accept": "text/event-stream", "Cookie": "a=1", "AEnvCore-EnvInstance-ID": "env-1",
@@ -96,7 +97,8 @@ async def test_gateway_invents_no_client_headers(gateway, upstream: Upstream) ->
     await raw_exchange(gateway.host, gateway.port, request)
 
     [seen] = upstream.seen
-    assert sorted(seen.headers) == ["Host", "X-Request-ID"]  # the request id is the one header we add
+    # The request id and the loop guard's Via entry are the headers a proxy adds, nothing else.
+    assert sorted(seen.headers) == ["Host", "Via", "X-Request-ID"]
 
 
 async def test_redirects_and_any_status_pass_through(gateway, aiohttp_server: AiohttpServer) -> None:

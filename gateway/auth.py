@@ -1,0 +1,49 @@
+"""Optional inbound authentication: bearer tokens from --auth-token-file, compared in constant time.
+
+Header-less GET /health (load-balancer probes) stays open; the admin port never asks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Sequence
+
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler, Middleware
+from multidict import CIMultiDict
+
+from gateway.errors import Unauthorized
+
+
+def _digest(token: str) -> bytes:
+    # Comparing fixed-length digests keeps compare_digest's time independent of the token's length.
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+def bearer_auth(tokens: Sequence[str], routing_headers: Sequence[str], forward: bool) -> Middleware:
+    """401 unless Authorization is `Bearer <one of tokens>`; strips the header unless forward is set."""
+    digests = tuple(_digest(token) for token in tokens)
+
+    def accepted(authorization: str) -> bool:
+        scheme, _, token = authorization.partition(" ")
+        presented = _digest(token.strip())
+        matched = False
+        for digest in digests:  # no early exit: every token is compared every time
+            matched |= hmac.compare_digest(presented, digest)
+        return scheme.lower() == "bearer" and matched
+
+    @web.middleware
+    async def authenticate(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if (request.method == "GET" and request.path == "/health"
+                and not any(name in request.headers for name in routing_headers)):
+            return await handler(request)
+        if not accepted(request.headers.get(hdrs.AUTHORIZATION, "")):
+            raise Unauthorized("a valid Authorization: Bearer token is required")
+        if not forward:
+            upstream_view = CIMultiDict(request.headers)
+            del upstream_view[hdrs.AUTHORIZATION]
+            request = request.clone(headers=upstream_view)
+        return await handler(request)
+
+    return authenticate

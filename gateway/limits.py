@@ -1,0 +1,142 @@
+"""Limits: body and header sizes, in-flight requests per target, open SSE streams, and the drain.
+
+Plain counters on one Limits value per app; the middleware releases whatever a request took, so
+the proxy only calls admit() and admit_stream() at the points where it knows the target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import TYPE_CHECKING, Any, Final
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway.engines import Target
+from gateway.errors import BodyTooLarge, HeadersTooLarge, TargetBusy, TooManyStreams, authority
+from gateway.headers import SANDBOX_ID
+
+if TYPE_CHECKING:
+    from gateway.config import Settings
+
+_TARGET_KEY: Final = web.RequestKey("limits_target", str)
+_SANDBOX_ID: Final = SANDBOX_ID.lower()
+
+
+def target_key(target: Target) -> str:
+    """What --max-inflight-per-target counts by: the arca instance id, else the upstream host:port."""
+    for name, value in target.added_headers:
+        if name.lower() == _SANDBOX_ID:
+            return value
+    return authority(target.url)
+
+
+def server_limits(settings: Settings) -> dict[str, Any]:
+    """aiohttp server parser limits: one header line may use the whole --max-header-size budget."""
+    return {"max_line_size": settings.max_header_size, "max_field_size": settings.max_header_size}
+
+
+class OpenStream:
+    """One relayed SSE stream; the drain ends it between reads by expiring its read timer."""
+
+    __slots__ = ("closing", "timer")
+
+    def __init__(self) -> None:
+        self.closing = False
+        self.timer: asyncio.Timeout | None = None
+
+    def close(self) -> None:
+        self.closing = True
+        if self.timer is not None and not self.timer.expired():
+            self.timer.reschedule(asyncio.get_running_loop().time())
+
+
+_STREAM: Final = web.RequestKey("limits_stream", OpenStream)
+
+
+class Limits:
+    def __init__(self, settings: Settings) -> None:
+        self.max_body_size = settings.max_body_size
+        self.max_header_size = settings.max_header_size
+        self.max_per_target = settings.max_inflight_per_target
+        self.max_streams = settings.max_streams
+        self.inflight = 0
+        self.per_target: dict[str, int] = {}
+        self.streams: set[OpenStream] = set()
+        self._idle: asyncio.Event | None = None  # set by the last request to finish while draining
+
+    def admit(self, request: web.Request, target: Target) -> None:
+        """Count the request against its target; 429 when the target is at --max-inflight-per-target."""
+        if not self.max_per_target:
+            return
+        key = target_key(target)
+        count = self.per_target.get(key, 0)
+        if count >= self.max_per_target:
+            raise TargetBusy(f"target {key} already has {count} requests in flight (--max-inflight-per-target)")
+        self.per_target[key] = count + 1
+        request[_TARGET_KEY] = key
+
+    def admit_stream(self, request: web.Request) -> OpenStream:
+        """Register an SSE stream before its status line is sent; 503 when --max-streams are open."""
+        if self.max_streams and len(self.streams) >= self.max_streams:
+            raise TooManyStreams(f"the gateway already relays {len(self.streams)} streams (--max-streams)")
+        stream = OpenStream()
+        self.streams.add(stream)
+        request[_STREAM] = stream
+        return stream
+
+    def _release(self, request: web.Request) -> None:
+        self.inflight -= 1
+        if not self.inflight and self._idle is not None:
+            self._idle.set()
+        key = request.get(_TARGET_KEY)
+        if key is not None:
+            left = self.per_target[key] - 1
+            if left:
+                self.per_target[key] = left
+            else:
+                del self.per_target[key]
+        stream = request.get(_STREAM)
+        if stream is not None:
+            self.streams.discard(stream)
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """413 and 431 before anything is forwarded; counts every request for the drain."""
+        length = request.content_length
+        if length is not None and length > self.max_body_size:
+            raise BodyTooLarge(f"request body of {length} bytes exceeds --max-body-size {self.max_body_size}")
+        header_bytes = sum(len(name) + len(value) + 4 for name, value in request.raw_headers)
+        if header_bytes > self.max_header_size:
+            raise HeadersTooLarge(f"request headers of {header_bytes} bytes exceed --max-header-size "
+                                  f"{self.max_header_size}")
+        self.inflight += 1
+        try:
+            return await handler(request)
+        finally:
+            self._release(request)
+
+    async def limited(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+        """A streamed body, raising BodyTooLarge past --max-body-size: the upstream sees a broken request."""
+        received = 0
+        async for chunk in chunks:
+            received += len(chunk)
+            if received > self.max_body_size:
+                raise BodyTooLarge(f"request body exceeds --max-body-size {self.max_body_size}")
+            yield chunk
+
+    async def drain(self, timeout_s: float) -> None:
+        """Wait until no request is in flight or timeout_s passed, then end every open SSE stream."""
+        if self.inflight:
+            self._idle = asyncio.Event()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._idle.wait()
+            except TimeoutError:
+                pass
+        for stream in list(self.streams):
+            stream.close()
+
+
+LIMITS: Final = web.AppKey("limits", Limits)
