@@ -84,3 +84,13 @@ def test_any_port_string_either_parses_or_names_the_flag(raw: str) -> None:
         assert str(exc).startswith(("--port", "argument --port", "expected one argument"))
     else:
         assert 0 <= port <= 65535
+
+
+def test_every_setting_is_documented_in_the_readme_and_the_shipped_config() -> None:
+    readme = Path("README.md").read_text()
+    shipped = Path("config/gateway.toml").read_text()
+    from gateway.config import OPTIONS
+
+    undocumented = [option.flag for option in OPTIONS if f"`{option.flag}`" not in readme]
+    missing_from_config = [option.name for option in OPTIONS if option.name not in shipped]
+    assert (undocumented, missing_from_config) == ([], [])
