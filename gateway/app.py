@@ -11,7 +11,8 @@ from gateway.admin import READINESS, Readiness
 from gateway.config import Settings
 from gateway.engines import Engine, build_engine
 from gateway.errors import error_middleware
-from gateway.upstream import AiohttpClient
+from gateway.http1 import Http1Client
+from gateway.upstream import AiohttpClient, UpstreamClient
 
 
 def build_gateway_app(settings: Settings, engine: Engine | None = None) -> web.Application:
@@ -20,13 +21,19 @@ def build_gateway_app(settings: Settings, engine: Engine | None = None) -> web.A
     app[proxy.ENGINE] = engine or build_engine(settings)
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
-        app[proxy.UPSTREAM] = AiohttpClient(settings)
+        app[proxy.UPSTREAM] = _upstream_client(settings)
         yield
         await app[proxy.UPSTREAM].close()
 
     app.cleanup_ctx.append(client_session)
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
+
+
+def _upstream_client(settings: Settings) -> UpstreamClient:
+    if settings.upstream_client == "aiohttp":
+        return AiohttpClient(settings)
+    return Http1Client(settings)
 
 
 def build_admin_app(readiness: Readiness) -> web.Application:

@@ -31,6 +31,7 @@ class Settings:
     arca_data_plane: str = "reject"
     connect_timeout_s: float = 5.0
     idle_timeout_s: float = 300.0
+    upstream_client: str = "lean"
     config_path: str | None = None
 
 
@@ -90,6 +91,8 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("connect_timeout_s", "GATEWAY_CONNECT_TIMEOUT", _positive_float, "seconds to connect upstream (504 after)"),
     Option("idle_timeout_s", "GATEWAY_IDLE_TIMEOUT", _positive_float,
            "seconds without a byte from the upstream on a non-SSE response (504 before it starts)"),
+    Option("upstream_client", "GATEWAY_UPSTREAM_CLIENT", _choice("lean", "aiohttp"),
+           "upstream transport: lean (HTTP/1.1 on httptools, fast) or aiohttp (aiohttp's client)"),
 )
 _DEFAULTS: Final = Settings()
 _FIELD_NAMES: Final = frozenset(f.name for f in fields(Settings))
