@@ -284,3 +284,30 @@ async def test_large_streamed_request_and_response_with_back_pressure(
 
     assert body == b"".join(parts)
     assert buffered <= 2 * BUFFER_HIGH_BYTES
+
+
+def test_runs_on_uvloop() -> None:
+    # The gateway serves on uvloop, whose transports are not asyncio.Transport subclasses.
+    uvloop = pytest.importorskip("uvloop")
+
+    async def exchange() -> tuple[int, bytes, int]:
+        async def hello(request: web.Request) -> web.Response:
+            return web.Response(body=b"hello")
+
+        app = web.Application()
+        app.router.add_get("/", hello)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        http1 = Http1Client(Settings())
+        try:
+            url = URL(f"http://127.0.0.1:{runner.addresses[0][1]}/")
+            bodies = [await read_all(await http1.request("GET", url, {}, None)) for _ in range(2)]
+            return 200, b"".join(bodies), http1.connections_opened
+        finally:
+            await http1.close()
+            await runner.cleanup()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(asyncio.wait_for(exchange(), 10)) == (200, b"hellohello", 1)
