@@ -39,7 +39,7 @@ IDLE_KEEPALIVE_S: Final = 60.0
 # No small cap: a busy host keeps as many idle connections as it had requests in flight.
 MAX_IDLE_PER_HOST: Final = 4096
 
-_FRAMING: Final = ("Host", "Content-Length", "Transfer-Encoding", "Connection")
+_FRAMING: Final = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 # RFC 9110 §9.2.2: only these may be sent again when a reused connection turns out to be closed.
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _BODY_EXPECTED: Final = frozenset({"POST", "PUT", "PATCH"})
@@ -449,29 +449,34 @@ async def _send_stream(connection: _Connection, body: AsyncIterable[bytes], chun
 
 def _encode_head(method: str, url: URL, host: str, port: int, headers: Mapping[str, str], body: Body) -> bytes:
     """The request line and headers in one buffer; framing headers are ours to set, not the caller's."""
-    framing = [name for name in _FRAMING if name in headers]
-    host_header = headers.get("Host") if "Host" in framing else None
-    items: Iterable[tuple[str, str]] = headers.items()
-    if framing:
-        dropped = frozenset(name.lower() for name in framing)
-        items = [(name, value) for name, value in items if name.lower() not in dropped]
+    host_header = None
+    content_length = None
+    lines = [f"{method} {url.raw_path_qs} HTTP/1.1\r\n"]
+    for name, value in headers.items():
+        lowered = name.lower()
+        if lowered in _FRAMING:
+            if lowered == "host":
+                host_header = value
+            elif lowered == "content-length":
+                content_length = value
+            continue
+        lines.append(f"{name}: {value}\r\n")
     if host_header is None:
         shown_host = f"[{host}]" if ":" in host else host
         host_header = shown_host if port == _DEFAULT_PORTS.get(url.scheme) else f"{shown_host}:{port}"
-    lines = [f"{method} {url.raw_path_qs} HTTP/1.1\r\nHost: {host_header}\r\n"]
-    lines += [f"{name}: {value}\r\n" for name, value in items]
+    lines.insert(1, f"Host: {host_header}\r\n")  # RFC 9112 §3.2: Host comes first
     if body is None:
         if method in _BODY_EXPECTED:
             lines.append("Content-Length: 0\r\n")
     elif isinstance(body, bytes):
         lines.append(f"Content-Length: {len(body)}\r\n")
-    elif "Content-Length" in headers:
-        lines.append(f"Content-Length: {headers['Content-Length']}\r\n")
+    elif content_length is not None:
+        lines.append(f"Content-Length: {content_length}\r\n")
     else:
         lines.append("Transfer-Encoding: chunked\r\n")
     lines.append("\r\n")
     text = "".join(lines)
     # A CR or LF inside a name or value would split the head: each line must end where we ended it.
-    if text.count("\n") != len(lines) + 1 or text.count("\r") != len(lines) + 1:
+    if text.count("\n") != len(lines) or text.count("\r") != len(lines):
         raise ValueError("a request header contains CR or LF")
     return text.encode("utf-8", "surrogateescape")
