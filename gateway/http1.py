@@ -324,6 +324,7 @@ class Http1Client:
         self._idle: dict[PoolKey, list[_Connection]] = {}
         self._busy: set[_Connection] = set()
         self._last_sweep = time.monotonic()
+        self._closed = False
         self.connections_opened = 0
 
     async def request(self, method: str, url: URL, headers: Mapping[str, str], body: Body) -> Http1Response:
@@ -345,6 +346,7 @@ class Http1Client:
         return await self._exchange(connection, method, head, body)
 
     async def close(self) -> None:
+        self._closed = True
         for connections in self._idle.values():
             for connection in connections:
                 connection.close()
@@ -355,7 +357,7 @@ class Http1Client:
 
     def give_back(self, connection: _Connection) -> None:
         self._busy.discard(connection)
-        if not connection.reusable():
+        if self._closed or not connection.reusable():
             connection.abort()  # never reuse a connection whose response was not read to the end
             return
         now = time.monotonic()

@@ -311,3 +311,28 @@ def test_runs_on_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         assert runner.run(asyncio.wait_for(exchange(), 10)) == (200, b"hellohello", 1)
+
+
+async def test_idempotent_request_is_retried_when_a_kept_alive_connection_was_closed(
+    raw_upstream: Callable[..., Awaitable[RawUpstream]], client: Http1Client
+) -> None:
+    # The upstream keeps nothing alive although it does not say so (uvicorn after its 5 s timeout).
+    upstream = await raw_upstream(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"), close_after=True)
+
+    bodies = [await read_all(await client.request("GET", upstream.url, {}, None)) for _ in range(3)]
+
+    assert (bodies, upstream.connections) == ([b"ok"] * 3, 3)
+
+
+async def test_closed_client_does_not_pool_released_connections(
+    raw_upstream: Callable[..., Awaitable[RawUpstream]]
+) -> None:
+    upstream = await raw_upstream(answer(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"))
+    http1 = Http1Client(Settings())
+    response = await http1.request("GET", upstream.url, {}, None)
+    assert await response.read_chunk() == b"ok"
+
+    await http1.close()
+    response.release()
+
+    assert http1._idle == {}
