@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import aiohttp
 import pytest
 from aiohttp import web
 from pytest_aiohttp import AiohttpClient, AiohttpServer
@@ -117,3 +118,27 @@ async def test_refused_upstream_is_502(aiohttp_client: AiohttpClient, unused_tcp
         "error": f"cannot connect to upstream 127.0.0.1:{unused_tcp_port}: connection refused",
         "code": "upstream_unreachable",
     })
+
+
+async def test_upstream_silent_mid_body_aborts_the_reply(aiohttp_server: AiohttpServer,
+                                                        aiohttp_client: AiohttpClient) -> None:
+    async def stalls(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "100"})
+        await response.prepare(request)
+        await response.write(b'{"partial":')
+        await asyncio.sleep(10)
+        return response
+
+    app = web.Application()
+    app.router.add_get("/slow", stalls)
+    server = await aiohttp_server(app)
+    gateway = await aiohttp_client(build_gateway_app(gateway_settings(idle_timeout_s=0.5)))
+
+    reply = await gateway.get("/slow", headers={MCP_PROXY_URL: str(server.make_url(""))})
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await asyncio.wait_for(reply.read(), 5)
+    waited_s = asyncio.get_running_loop().time() - started
+
+    assert reply.status == 200
+    assert 0.3 < waited_s < 4  # the idle timeout (0.5 s, plus at most 10% slack), with room for a busy machine
