@@ -9,6 +9,7 @@ from aiohttp import web
 from gateway import admin, proxy
 from gateway.admin import READINESS, Readiness
 from gateway.config import Settings
+from gateway.deadlines import Deadlines
 from gateway.engines import Engine, build_engine
 from gateway.errors import error_middleware
 from gateway.http1 import Http1Client
@@ -26,6 +27,10 @@ def build_gateway_app(settings: Settings, engine: Engine | None = None) -> web.A
         await app[proxy.UPSTREAM].close()
 
     app.cleanup_ctx.append(client_session)
+    # Idle timeouts are checked by one tick, at a tenth of their length (at most every second).
+    deadlines = Deadlines(resolution_s=min(1.0, settings.idle_timeout_s / 10))
+    app[proxy.DEADLINES] = deadlines
+    app.cleanup_ctx.append(lambda _: deadlines.run())
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
 
