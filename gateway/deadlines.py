@@ -2,7 +2,7 @@
 
 A uvloop timer is a libuv handle allocated, started, stopped and closed per use: an asyncio.timeout
 per request cost ~20 µs of CPU (docs/performance.md). Here a request's deadline is one dict entry,
-and expiry goes through asyncio.Timeout itself, so cancellation and TimeoutError behave the same.
+and expiry cancels the task the way asyncio.Timeout does, so TimeoutError behaves the same.
 """
 
 from __future__ import annotations
@@ -17,52 +17,72 @@ class Deadlines:
 
     def __init__(self, resolution_s: float) -> None:
         self.resolution_s = resolution_s
-        self._due: dict[asyncio.Timeout, float] = {}
+        self._due: dict[IdleTimeout, float] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def within(self, seconds: float) -> IdleTimeout:
         """An async context raising TimeoutError when it makes no progress for `seconds`."""
-        return IdleTimeout(self._due, seconds)
+        return IdleTimeout(self, seconds)
 
     async def run(self) -> AsyncIterator[None]:
         """A cleanup_ctx generator: the tick runs while the application does."""
+        self._loop = asyncio.get_running_loop()
         tick = asyncio.create_task(self._tick())
         yield
         tick.cancel()
 
+    def _now(self) -> float:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop.time()
+
     async def _tick(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(self.resolution_s)
-            now = loop.time()
-            expired = [timeout for timeout, due in self._due.items() if due <= now]
-            for timeout in expired:
-                del self._due[timeout]
-                timeout.reschedule(now)  # asyncio.Timeout cancels the task and raises TimeoutError
+            now = self._now()
+            for idle in [idle for idle, due in self._due.items() if due <= now]:
+                del self._due[idle]
+                idle.expire()
 
 
 class IdleTimeout:
-    __slots__ = ("_due", "_seconds", "_timeout")
+    """Like asyncio.timeout(): the task is cancelled when due and the cancellation leaves as TimeoutError."""
 
-    def __init__(self, due: dict[asyncio.Timeout, float], seconds: float) -> None:
-        self._due = due
+    __slots__ = ("_cancelling", "_deadlines", "_expired", "_seconds", "_task")
+
+    def __init__(self, deadlines: Deadlines, seconds: float) -> None:
+        self._deadlines = deadlines
         self._seconds = seconds
-        self._timeout = asyncio.timeout(None)  # no timer of its own: the tick reschedules it when due
+        self._expired = False
+        self._cancelling = 0
+        self._task: asyncio.Task[object] | None = None
 
     async def __aenter__(self) -> IdleTimeout:
-        await self._timeout.__aenter__()
+        self._task = asyncio.current_task()
+        if self._task is None:
+            raise RuntimeError("IdleTimeout should be used inside a task")
+        self._cancelling = self._task.cancelling()
         self.progressed()
         return self
 
     def progressed(self) -> None:
         """Bytes moved: the idle clock starts again."""
-        self._due[self._timeout] = asyncio.get_running_loop().time() + self._seconds
+        self._deadlines._due[self] = self._deadlines._now() + self._seconds
 
     def pause(self) -> None:
         """Stop the clock (while waiting on the other side) until the next progressed()."""
-        self._due.pop(self._timeout, None)
+        self._deadlines._due.pop(self, None)
+
+    def expire(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._expired = True
+            self._task.cancel()
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
-        self._due.pop(self._timeout, None)
-        await self._timeout.__aexit__(exc_type, exc, traceback)  # raises TimeoutError once expired
+        self._deadlines._due.pop(self, None)
+        # As asyncio.Timeout does: our cancel becomes TimeoutError, anyone else's stays a cancellation.
+        if self._expired and self._task is not None and self._task.uncancel() <= self._cancelling \
+                and exc_type is asyncio.CancelledError:
+            raise TimeoutError from exc
