@@ -1,7 +1,8 @@
 """The lean upstream transport: HTTP/1.1 on asyncio protocols with httptools, a keep-alive pool.
 
 Implements upstream.UpstreamClient and nothing else: no redirects, cookies, decompression or proxies.
-Profiling showed aiohttp's client costs ~90 µs per proxied call (docs/performance.md); this costs ~20.
+Profiling showed aiohttp's client was the cost of a proxied call: with this one the gateway spends ~40% less CPU
+per request (docs/performance.md).
 """
 
 from __future__ import annotations
