@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from aiohttp import web
@@ -336,3 +340,46 @@ async def test_closed_client_does_not_pool_released_connections(
     response.release()
 
     assert http1._idle == {}
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=30,
+    )
+    return cert, key
+
+
+async def test_https_upstream_over_tls(certificate: tuple[Path, Path]) -> None:
+    cert, key = certificate
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+
+    async def hello(request: web.Request) -> web.Response:
+        return web.Response(body=b"over tls " + request.scheme.encode())
+
+    app = web.Application()
+    app.router.add_get("/", hello)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context)
+    await site.start()
+    http1 = Http1Client(Settings(), ssl_context=ssl.create_default_context(cafile=str(cert)))
+    untrusting = Http1Client(Settings())
+    try:
+        url = URL(f"https://127.0.0.1:{runner.addresses[0][1]}/")
+        body = await read_all(await http1.request("GET", url, {}, None))
+        with pytest.raises(ssl.SSLCertVerificationError):  # the default context does not trust it
+            await untrusting.request("GET", url, {}, None)
+    finally:
+        await http1.close()
+        await untrusting.close()
+        await runner.cleanup()
+
+    assert body == b"over tls https"
