@@ -383,3 +383,16 @@ async def test_https_upstream_over_tls(certificate: tuple[Path, Path]) -> None:
         await runner.cleanup()
 
     assert body == b"over tls https"
+
+
+async def test_connect_timeout_covers_resolution_and_connect() -> None:
+    async def slow_resolve(host: str, port: int) -> list[str]:
+        await asyncio.sleep(10)
+        return ["127.0.0.1"]
+
+    http1 = Http1Client(Settings(connect_timeout_s=0.2), resolve=slow_resolve)
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(http1.request("GET", URL("http://slow.internal:80/"), {}, None), 5)
+    finally:
+        await http1.close()
