@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
-.PHONY: run test install install-test install-examples example lint bench clean
+.PHONY: run test install install-test install-examples example lint bench bench-anchor bench-idle-sse clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,23 @@ example: install-examples
 
 test: install-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# About two minutes: the gateway beside direct (req/s, p50/p99, CPU per request, SSE, RSS). See docs/performance.md.
+bench: install
+	$(BIN)/python bench/run.py
+
+# The shared anchor benchmark (nginx, go-mimic, direct, the gateway) when ../shared/bench exists; ~4 minutes.
+ANCHOR ?= $(firstword $(wildcard ../shared/bench /work/shared/bench))
+bench-anchor: install
+	@test -n "$(ANCHOR)" || { echo "no ../shared/bench here: use make bench"; exit 1; }
+	B=$$(mktemp -d)/bench && cp -r $(ANCHOR) "$$B" && \
+	CANDIDATE_NAME=gateway CANDIDATE_CWD="$(CURDIR)" \
+	CANDIDATE_CMD='exec $(CURDIR)/$(BIN)/python -m gateway --host 127.0.0.1 --port {port} --admin-port 0' \
+	"$$B/run.sh"
+
+# RSS growth per idle SSE stream, up to 10,000 streams opened and closed by the script (STREAMS=...).
+bench-idle-sse: install
+	$(BIN)/python bench/idle_sse.py $(if $(STREAMS),--streams $(STREAMS))
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -13,12 +13,15 @@ from gateway import admin, proxy
 from gateway.admin import READINESS, Readiness
 from gateway.auth import bearer_auth
 from gateway.config import Settings, read_tokens
+from gateway.deadlines import Deadlines
 from gateway.engines import Engine, build_engine
 from gateway.errors import error_middleware
+from gateway.http1 import Http1Client
 from gateway.limits import LIMITS, Limits
 from gateway.log import install_access_log
 from gateway.metrics import METRICS, Metrics
-from gateway.upstream import AiohttpClient
+from gateway.policy import TargetPolicy
+from gateway.upstream import AiohttpClient, UpstreamClient
 from gateway.via import VIA_MARK, loop_guard, new_mark
 
 # How the data plane must be served (AppRunner / TestServer keyword arguments):
@@ -53,13 +56,23 @@ def build_gateway_app(
     install_access_log(app, settings, app[METRICS], engine.name)
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
-        app[proxy.UPSTREAM] = AiohttpClient(settings)
+        app[proxy.UPSTREAM] = _upstream_client(settings)
         yield
         await app[proxy.UPSTREAM].close()
 
     app.cleanup_ctx.append(client_session)
+    # Idle timeouts are checked by one tick, at a tenth of their length (at most every second).
+    deadlines = Deadlines(resolution_s=min(1.0, settings.idle_timeout_s / 10))
+    app[proxy.DEADLINES] = deadlines
+    app.cleanup_ctx.append(lambda _: deadlines.run())
     app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
+
+
+def _upstream_client(settings: Settings) -> UpstreamClient:
+    if settings.upstream_client == "aiohttp":
+        return AiohttpClient(settings)
+    return Http1Client(settings, resolve=TargetPolicy.from_settings(settings).resolve_allowed)
 
 
 def build_admin_app(readiness: Readiness, metrics: Metrics | None = None) -> web.Application:

@@ -50,6 +50,7 @@ class Settings:
     sse_keepalive_s: float = 0.0
     connect_retry_budget_s: float = 2.0
     drain_timeout_s: float = 30.0
+    upstream_client: str = "lean"
     config_path: str | None = None
 
 
@@ -208,6 +209,8 @@ OPTIONS: Final[tuple[Option, ...]] = (
            "seconds to keep retrying a refused upstream connection, 0 = no retry"),
     Option("drain_timeout_s", "GATEWAY_DRAIN_TIMEOUT", _non_negative_float,
            "seconds in-flight requests get to finish after SIGTERM/SIGINT"),
+    Option("upstream_client", "GATEWAY_UPSTREAM_CLIENT", _choice("lean", "aiohttp"),
+           "upstream transport: lean (HTTP/1.1 on httptools, fast) or aiohttp (aiohttp's client)"),
 )
 _DEFAULTS: Final = Settings()
 _FIELD_NAMES: Final = frozenset(f.name for f in fields(Settings))

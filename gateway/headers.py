@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Final
 
-from multidict import CIMultiDict, istr
+from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 MCP_PROXY_URL: Final = istr("AEnvCore-MCPProxy-URL")
 ENV_INSTANCE_ID: Final = istr("AEnvCore-EnvInstance-ID")
@@ -46,12 +46,24 @@ def connection_nominated(headers: Mapping[str, str]) -> frozenset[str]:
 
 
 def _copy_without(headers: Mapping[str, str], dropped: frozenset[str]) -> CIMultiDict[str]:
-    return CIMultiDict((name, value) for name, value in headers.items() if name.lower() not in dropped)
+    # Copying in C and deleting the few names present costs a third of filtering name by name.
+    copied = CIMultiDict(headers)
+    for name in dropped:
+        if name in copied:
+            del copied[name]
+    return copied
+
+
+def _with_nominated(dropped: frozenset[str], headers: Mapping[str, str]) -> frozenset[str]:
+    """dropped, plus the fields Connection names; the precomputed set itself when there is none."""
+    if isinstance(headers, CIMultiDict | CIMultiDictProxy) and CONNECTION not in headers:
+        return dropped
+    return dropped | connection_nominated(headers)
 
 
 def without_hop_by_hop(headers: Mapping[str, str]) -> CIMultiDict[str]:
     """A copy of headers without hop-by-hop fields and those named in Connection."""
-    return _copy_without(headers, HOP_BY_HOP | connection_nominated(headers))
+    return _copy_without(headers, _with_nominated(HOP_BY_HOP, headers))
 
 
 def upstream_request_headers(
@@ -62,7 +74,7 @@ def upstream_request_headers(
     An engine's headers replace any value the caller sent for the same name, in any letter case.
     """
     added = tuple(added)
-    dropped = _NOT_FORWARDED_UPSTREAM | connection_nominated(downstream_headers)
+    dropped = _with_nominated(_NOT_FORWARDED_UPSTREAM, downstream_headers)
     if added:
         dropped = dropped | {name.lower() for name, _ in added}
     upstream_headers = _copy_without(downstream_headers, dropped)

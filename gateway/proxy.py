@@ -6,7 +6,6 @@ upstream only through the UpstreamClient interface (upstream does).
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Final
@@ -16,6 +15,7 @@ from aiohttp import web
 
 from gateway import sse
 from gateway.config import Settings
+from gateway.deadlines import Deadlines, IdleTimeout
 from gateway.engines import Engine
 from gateway.errors import authority, upstream_errors
 from gateway.exchange import EXCHANGE, Exchange
@@ -36,6 +36,7 @@ log = structlog.get_logger(__name__)
 ENGINE: Final = web.AppKey("engine", Engine)
 SETTINGS: Final = web.AppKey("settings", Settings)
 UPSTREAM: Final = web.AppKey("upstream", UpstreamClient)
+DEADLINES: Final = web.AppKey("deadlines", Deadlines)
 
 # Bodies up to this size are read whole and sent in one write; larger ones stream.
 SMALL_BODY_BYTES: Final = 64 * 1024
@@ -56,7 +57,7 @@ async def handle(request: web.Request) -> web.StreamResponse:
     upstream_headers.add(VIA, request.app[VIA_MARK])  # the loop guard's mark (via.py)
     forwarded_at = time.perf_counter()
     with upstream_errors(target.url):
-        async with asyncio.timeout(settings.idle_timeout_s):
+        async with request.app[DEADLINES].within(settings.idle_timeout_s):
             upstream_response = await request.app[UPSTREAM].request(
                 request.method, target.url, upstream_headers, await _request_body(request, exchange)
             )
@@ -93,9 +94,9 @@ async def _relay_response(
 ) -> web.StreamResponse:
     # The status line goes on the wire at prepare(): from here on a failure is logged and ends
     # the response, and never becomes a JSON error.
-    streaming = is_event_stream(upstream_response.headers.get(CONTENT_TYPE))
-    stream = request.app[LIMITS].admit_stream(request) if streaming else None  # 503 over --max-streams
-    downstream_response = web.StreamResponse(
+    event_stream = is_event_stream(upstream_response.headers.get(CONTENT_TYPE))
+    stream = request.app[LIMITS].admit_stream(request) if event_stream else None  # 503 over --max-streams
+    downstream_response = (web.StreamResponse if event_stream else _CoalescedResponse)(
         status=upstream_response.status,
         reason=upstream_response.reason,
         headers=downstream_response_headers(upstream_response.headers),
@@ -105,22 +106,50 @@ async def _relay_response(
         with request.app[METRICS].open_stream(exchange):
             await sse.relay(upstream_response, downstream_response, exchange, stream, settings.sse_keepalive_s)
         return downstream_response
-    while True:
-        try:
-            async with asyncio.timeout(settings.idle_timeout_s):
-                chunk = await upstream_response.read_chunk()
-        except (TimeoutError, OSError) as exc:
-            exchange.upstream_failed("idle_timeout" if isinstance(exc, TimeoutError) else "reset_mid_stream")
-            _abort(request)
-            return downstream_response
-        if not chunk:
-            break
-        exchange.bytes_out += len(chunk)
-        if exchange.log_body_bytes:
-            exchange.keep_response_chunk(chunk)
-        await downstream_response.write(chunk)
+    idle_timeout = request.app[DEADLINES].within(settings.idle_timeout_s)
+    if not await _pump_body(upstream_response, downstream_response, idle_timeout, exchange):
+        _abort(request)
+        return downstream_response
     await downstream_response.write_eof()
     return downstream_response
+
+
+async def _pump_body(
+    upstream_response: UpstreamResponse, downstream_response: web.StreamResponse, idle_timeout: IdleTimeout,
+    exchange: Exchange,
+) -> bool:
+    """Copy a non-SSE body; False once it broke or the upstream sent nothing for the idle timeout.
+
+    Only waits on the upstream count: the clock pauses while a slow downstream drains.
+    """
+    writing = False
+    try:
+        async with idle_timeout:
+            while chunk := await upstream_response.read_chunk():
+                idle_timeout.pause()
+                exchange.bytes_out += len(chunk)
+                if exchange.log_body_bytes:
+                    exchange.keep_response_chunk(chunk)
+                writing = True
+                await downstream_response.write(chunk)
+                writing = False
+                idle_timeout.progressed()
+    except (TimeoutError, OSError) as exc:
+        if writing:
+            raise  # the downstream went away: the access line records it
+        exchange.upstream_failed("idle_timeout" if isinstance(exc, TimeoutError) else "reset_mid_stream")
+        return False
+    return True
+
+
+class _CoalescedResponse(web.StreamResponse):
+    """A non-SSE reply: the status line and headers leave with the first body bytes, in one write.
+
+    aiohttp's own web.Response defers its headers the same way; a small reply then costs one
+    send() instead of two (docs/performance.md). An event stream still sends its headers at once.
+    """
+
+    _send_headers_immediately = False
 
 
 def _abort(request: web.Request) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -18,10 +18,30 @@ from yarl import URL
 from gateway.app import GATEWAY_SERVER_OPTIONS, build_gateway_app
 from gateway.config import Settings
 
+# Every test that runs a gateway over sockets runs once per upstream transport (issue #6).
+UPSTREAM_CLIENTS = ("lean", "aiohttp")
+_SOCKET_FIXTURES = frozenset({"aiohttp_client", "aiohttp_server", "upstream"})
+_current_upstream_client = ["lean"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "upstream_client" in metafunc.fixturenames and _SOCKET_FIXTURES & set(metafunc.fixturenames):
+        metafunc.parametrize("upstream_client", UPSTREAM_CLIENTS, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def upstream_client(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The transport gateway_settings() picks: each in turn for socket tests, lean elsewhere."""
+    name: str = getattr(request, "param", "lean")
+    _current_upstream_client[0] = name
+    yield name
+    _current_upstream_client[0] = "lean"
+
 
 def gateway_settings(**overrides: Any) -> Settings:
     """Settings for a gateway under test: loopback, ephemeral ports, short timeouts."""
-    base = Settings(host="127.0.0.1", port=0, admin_port=0, connect_timeout_s=2.0, idle_timeout_s=10.0)
+    base = Settings(host="127.0.0.1", port=0, admin_port=0, connect_timeout_s=2.0, idle_timeout_s=10.0,
+                    upstream_client=_current_upstream_client[0])
     return dataclasses.replace(base, **overrides)
 
 

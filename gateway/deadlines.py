@@ -1,0 +1,88 @@
+"""Idle deadlines for every request in flight, checked by one periodic tick instead of a timer each.
+
+A uvloop timer is a libuv handle allocated, started, stopped and closed per use: an asyncio.timeout
+per request cost ~20 µs of CPU (docs/performance.md). Here a request's deadline is one dict entry,
+and expiry cancels the task the way asyncio.Timeout does, so TimeoutError behaves the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+
+class Deadlines:
+    """Deadlines that fire between `seconds` and `seconds + resolution_s` after the last progress."""
+
+    def __init__(self, resolution_s: float) -> None:
+        self.resolution_s = resolution_s
+        self._due: dict[IdleTimeout, float] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def within(self, seconds: float) -> IdleTimeout:
+        """An async context raising TimeoutError when it makes no progress for `seconds`."""
+        return IdleTimeout(self, seconds)
+
+    async def run(self) -> AsyncIterator[None]:
+        """A cleanup_ctx generator: the tick runs while the application does."""
+        self._loop = asyncio.get_running_loop()
+        tick = asyncio.create_task(self._tick())
+        yield
+        tick.cancel()
+
+    def _now(self) -> float:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop.time()
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.resolution_s)
+            now = self._now()
+            for idle in [idle for idle, due in self._due.items() if due <= now]:
+                del self._due[idle]
+                idle.expire()
+
+
+class IdleTimeout:
+    """Like asyncio.timeout(): the task is cancelled when due and the cancellation leaves as TimeoutError."""
+
+    __slots__ = ("_cancelling", "_deadlines", "_expired", "_seconds", "_task")
+
+    def __init__(self, deadlines: Deadlines, seconds: float) -> None:
+        self._deadlines = deadlines
+        self._seconds = seconds
+        self._expired = False
+        self._cancelling = 0
+        self._task: asyncio.Task[object] | None = None
+
+    async def __aenter__(self) -> IdleTimeout:
+        self._task = asyncio.current_task()
+        if self._task is None:
+            raise RuntimeError("IdleTimeout should be used inside a task")
+        self._cancelling = self._task.cancelling()
+        self.progressed()
+        return self
+
+    def progressed(self) -> None:
+        """Bytes moved: the idle clock starts again."""
+        self._deadlines._due[self] = self._deadlines._now() + self._seconds
+
+    def pause(self) -> None:
+        """Stop the clock (while waiting on the other side) until the next progressed()."""
+        self._deadlines._due.pop(self, None)
+
+    def expire(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._expired = True
+            self._task.cancel()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._deadlines._due.pop(self, None)
+        # As asyncio.Timeout does: our cancel becomes TimeoutError, anyone else's stays a cancellation.
+        if self._expired and self._task is not None and self._task.uncancel() <= self._cancelling \
+                and exc_type is asyncio.CancelledError:
+            raise TimeoutError from exc
