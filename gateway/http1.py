@@ -126,9 +126,7 @@ class _Connection(asyncio.Protocol):
             else:  # RFC 9112 §6.3: no length and not chunked, the body ends when the connection does
                 self._complete = True
                 self._wake_body()
-        waiter = self._write_waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_exception(ConnectionResetError("upstream closed the connection"))
+        self.resume_writing()  # a writer waiting for room finds the connection lost
 
     def pause_writing(self) -> None:
         self._write_waiter = self._loop.create_future()
@@ -227,6 +225,8 @@ class _Connection(asyncio.Protocol):
             transport.writelines(data)
         if self._write_waiter is not None:
             await self._write_waiter
+            if self.lost:
+                raise ConnectionResetError("upstream closed the connection")
 
     async def response_head(self) -> None:
         if not self._headers_done and self._error is None:

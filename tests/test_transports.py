@@ -142,3 +142,31 @@ async def test_upstream_silent_mid_body_aborts_the_reply(aiohttp_server: Aiohttp
 
     assert reply.status == 200
     assert 0.3 < waited_s < 4  # the idle timeout (0.5 s, plus at most 10% slack), with room for a busy machine
+
+
+async def test_downstream_leaving_an_sse_stream_closes_the_upstream(
+    aiohttp_server: AiohttpServer, aiohttp_client: AiohttpClient
+) -> None:
+    upstream_gone = asyncio.Event()
+
+    async def endless(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b"data: hello\n\n")
+        try:
+            await asyncio.sleep(30)  # silent: only the connection closing ends this
+        finally:
+            upstream_gone.set()
+        return response
+
+    app = web.Application()  # aiohttp_server cancels the handler when the connection closes
+    app.router.add_get("/sse", endless)
+    server = await aiohttp_server(app)
+    gateway = await aiohttp_client(build_gateway_app(gateway_settings()))
+
+    reply = await gateway.get("/sse", headers={MCP_PROXY_URL: str(server.make_url(""))})
+    first = await asyncio.wait_for(reply.content.readuntil(b"\n\n"), 5)
+    reply.close()
+
+    await asyncio.wait_for(upstream_gone.wait(), 5)
+    assert first == b"data: hello\n\n"
