@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import functools
+from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Final
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CollectorRegistry
 
 from gateway import admin, proxy
@@ -18,7 +19,7 @@ from gateway.engines import Engine, build_engine
 from gateway.errors import error_middleware
 from gateway.http1 import Http1Client
 from gateway.limits import LIMITS, Limits
-from gateway.log import install_access_log
+from gateway.log import access_middleware, echo_request_id
 from gateway.metrics import METRICS, Metrics
 from gateway.policy import TargetPolicy
 from gateway.upstream import AiohttpClient, UpstreamClient
@@ -41,19 +42,22 @@ def build_gateway_app(
 ) -> web.Application:
     engine = engine or build_engine(settings)
     limits = Limits(settings)
-    middlewares: list[Middleware] = [error_middleware, limits.middleware, loop_guard]
+    metrics = metrics or Metrics.build(CollectorRegistry())
+    # Outermost first. The access line wraps everything so refusals are logged and counted too.
+    layers: list[Middleware] = [access_middleware(settings, metrics, engine.name), error_middleware,
+                                limits.middleware, loop_guard]
     if settings.auth_token_file:
         # Before limits: auth hands inner layers a clone of the request, and limits must count and
         # release on the same object the proxy admits.
         tokens = read_tokens(settings.auth_token_file)
-        middlewares.insert(1, bearer_auth(tokens, engine.routing_headers, settings.forward_authorization))
-    app = web.Application(middlewares=middlewares)
+        layers.insert(2, bearer_auth(tokens, engine.routing_headers, settings.forward_authorization))
+    app = web.Application()
     app[proxy.SETTINGS] = settings
     app[proxy.ENGINE] = engine
     app[LIMITS] = limits
     app[VIA_MARK] = new_mark()
-    app[METRICS] = metrics or Metrics.build(CollectorRegistry())
-    install_access_log(app, settings, app[METRICS], engine.name)
+    app[METRICS] = metrics
+    app.on_response_prepare.append(echo_request_id)
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
         app[proxy.UPSTREAM] = _upstream_client(settings)
@@ -65,8 +69,19 @@ def build_gateway_app(
     deadlines = Deadlines(resolution_s=min(1.0, settings.idle_timeout_s / 10))
     app[proxy.DEADLINES] = deadlines
     app.cleanup_ctx.append(lambda _: deadlines.run())
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    app.router.add_route("*", "/{tail:.*}", chain(layers, proxy.handle))
     return app
+
+
+def chain(layers: Sequence[Middleware], handler: Handler) -> Handler:
+    """The layers wrapped around handler once, at startup.
+
+    aiohttp rebuilds its middleware chain for every request (a partial and update_wrapper per layer);
+    the data plane has one route, so its layers are composed here instead, a few µs a request less.
+    """
+    for layer in reversed(layers):
+        handler = functools.partial(layer, handler=handler)
+    return handler
 
 
 def _upstream_client(settings: Settings) -> UpstreamClient:
