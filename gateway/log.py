@@ -169,6 +169,10 @@ def access_middleware(settings: Settings, metrics: Metrics, engine: str) -> Midd
     log_body_bytes = settings.log_bodies
     secrets = secret_values(settings)
 
+    # Finished requests wait here for the end of the event loop's current pass, then are counted and
+    # logged together: the same work, done in one warm loop instead of between two requests.
+    finished: list[tuple[web.Request, Exchange, web.StreamResponse | None, float]] = []
+
     @web.middleware
     async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
@@ -191,16 +195,26 @@ def access_middleware(settings: Settings, metrics: Metrics, engine: str) -> Midd
             raise
         finally:
             structlog.contextvars.reset_contextvars(**tokens)
-            _finish(request, exchange, response, started)
+            finished.append((request, exchange, response, (time.perf_counter() - started) * 1000))
+            if len(finished) == 1:
+                asyncio.get_running_loop().call_soon(_account_finished)
+
+    def _account_finished() -> None:
+        batch = finished.copy()
+        finished.clear()
+        for request, exchange, response, elapsed_ms in batch:
+            try:
+                _finish(request, exchange, response, elapsed_ms)
+            except Exception:  # a bug in accounting must not cost the other requests their lines
+                structlog.get_logger(__name__).exception("access_accounting_failed")
 
     def _finish(request: web.Request, exchange: Exchange, response: web.StreamResponse | None,
-                started: float) -> None:
-        elapsed_ms = (time.perf_counter() - started) * 1000
+                elapsed_ms: float) -> None:
         status = exchange.status
         bytes_out = exchange.bytes_out
         if response is not None:
             status = response.status
-            if isinstance(response, web.Response) and not response.prepared and response.body:
+            if isinstance(response, web.Response) and response.body:
                 bytes_out = len(response.body)  # type: ignore[arg-type]  # our own JSON: bytes
         elif not status:
             status = CLIENT_CLOSED_STATUS if exchange.outcome == CLIENT_CLOSED else 500
