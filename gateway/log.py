@@ -179,7 +179,6 @@ def access_middleware(settings: Settings, metrics: Metrics, engine: str) -> Midd
         request_id = request.headers.get(REQUEST_ID) or new_request_id()
         exchange = request[EXCHANGE] = Exchange(request_id[:_MAX_FIELD_CHARS], log_body_bytes)
         response: web.StreamResponse | None = None
-        tokens = structlog.contextvars.bind_contextvars(request_id=exchange.request_id)
         try:
             response = await handler(request)
             return response
@@ -194,7 +193,6 @@ def access_middleware(settings: Settings, metrics: Metrics, engine: str) -> Midd
             exchange.status = 500
             raise
         finally:
-            structlog.contextvars.reset_contextvars(**tokens)
             finished.append((request, exchange, response, (time.perf_counter() - started) * 1000))
             if len(finished) == 1:
                 asyncio.get_running_loop().call_soon(_account_finished)

@@ -55,5 +55,5 @@ async def relay(
         await downstream_response.write(chunk)  # raises ConnectionResetError once the client left
         tail = (tail + chunk)[-4:] if len(chunk) < 4 else chunk[-4:]
     if stream.closing:
-        log.info("sse_closed_by_drain")
+        log.info("sse_closed_by_drain", request_id=exchange.request_id)
     await downstream_response.write_eof()
