@@ -19,7 +19,7 @@ from gateway.engines import Engine, build_engine
 from gateway.errors import error_middleware
 from gateway.http1 import Http1Client
 from gateway.limits import LIMITS, Limits
-from gateway.log import access_middleware, echo_request_id
+from gateway.log import access_middleware
 from gateway.metrics import METRICS, Metrics
 from gateway.policy import TargetPolicy
 from gateway.upstream import AiohttpClient, UpstreamClient
@@ -57,7 +57,6 @@ def build_gateway_app(
     app[LIMITS] = limits
     app[VIA_MARK] = new_mark()
     app[METRICS] = metrics
-    app.on_response_prepare.append(echo_request_id)
 
     async def client_session(app: web.Application) -> AsyncIterator[None]:
         app[proxy.UPSTREAM] = _upstream_client(settings)

@@ -156,14 +156,6 @@ def _json_value(value: Any) -> str:
     return json.dumps(value)
 
 
-async def echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
-    """on_response_prepare: every data-plane response carries the request's X-Request-ID."""
-    exchange = request.get(EXCHANGE)
-    if exchange is not None:
-        exchange.status = response.status
-        response.headers[REQUEST_ID] = exchange.request_id
-
-
 def access_middleware(settings: Settings, metrics: Metrics, engine: str) -> Middleware:
     access_line = AccessLine()
     log_body_bytes = settings.log_bodies
@@ -181,6 +173,8 @@ def access_middleware(settings: Settings, metrics: Metrics, engine: str) -> Midd
         response: web.StreamResponse | None = None
         try:
             response = await handler(request)
+            if not response.prepared:  # our own answers; the proxy sets it on relayed responses
+                response.headers[REQUEST_ID] = exchange.request_id
             return response
         except (ConnectionResetError, asyncio.CancelledError):  # the downstream went away
             exchange.outcome = CLIENT_CLOSED

@@ -96,12 +96,13 @@ async def _relay_response(
     # the response, and never becomes a JSON error.
     event_stream = is_event_stream(upstream_response.headers.get(CONTENT_TYPE))
     stream = request.app[LIMITS].admit_stream(request) if event_stream else None  # 503 over --max-streams
+    downstream_headers = downstream_response_headers(upstream_response.headers)
+    downstream_headers[REQUEST_ID] = exchange.request_id
     downstream_response = (web.StreamResponse if event_stream else _CoalescedResponse)(
-        status=upstream_response.status,
-        reason=upstream_response.reason,
-        headers=downstream_response_headers(upstream_response.headers),
+        status=upstream_response.status, reason=upstream_response.reason, headers=downstream_headers
     )
     await downstream_response.prepare(request)
+    exchange.status = upstream_response.status
     if stream is not None:
         with request.app[METRICS].open_stream(exchange):
             await sse.relay(upstream_response, downstream_response, exchange, stream, settings.sse_keepalive_s)
