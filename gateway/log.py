@@ -225,7 +225,9 @@ def access_middleware(settings: Settings, metrics: Metrics, engine: str) -> Midd
         method = request.method
         label = rpc_method(exchange.body_head) if method == "POST" and exchange.body_head else ""
         bytes_in = request.content.total_bytes
-        metrics.observe(method, request.path, status, label, elapsed_ms, exchange, bytes_in, refused_reason)
+        instance_id = request.headers.get(ENV_INSTANCE_ID, "")[:_MAX_FIELD_CHARS]
+        metrics.observe(method, request.path, status, label, elapsed_ms, exchange, bytes_in, refused_reason,
+                        instance_id)
         fields: dict[str, Any] = {
             "request_id": exchange.request_id,
             "method": method,
@@ -234,7 +236,7 @@ def access_middleware(settings: Settings, metrics: Metrics, engine: str) -> Midd
             "latency_ms": round(elapsed_ms, 3),
             "bytes_in": bytes_in,
             "bytes_out": bytes_out,
-            "instance_id": request.headers.get(ENV_INSTANCE_ID, "")[:_MAX_FIELD_CHARS],
+            "instance_id": instance_id,
             "target": exchange.target,
             "rpc_method": label,
             "engine": engine,

@@ -51,6 +51,13 @@ UPSTREAM_ERROR_KINDS: Final = (
 )
 
 
+# The sandbox label of aenv_gateway_sandbox_errors_total: the first this many sandboxes to fail get
+# their own series, later ones are counted under "other", so a storm of failures cannot grow the
+# label set without bound. A restart starts a fresh set.
+MAX_SANDBOX_LABELS: Final = 200
+OTHER_SANDBOXES: Final = "other"
+
+
 def endpoint(path: str) -> str:
     return _ENDPOINTS.get(path.rstrip("/").rpartition("/")[2], "/other")
 
@@ -67,6 +74,7 @@ class Metrics:
     refused: Counter
     relayed_bytes: Counter
     upstream_response_ms: Histogram
+    sandbox_errors: Counter
     multiproc_dir: str = ""
     _upstream_bytes: Counter | None = None
     _downstream_bytes: Counter | None = None
@@ -75,6 +83,8 @@ class Metrics:
     _timed: dict[tuple[str, str, str, int], Histogram] = field(default_factory=dict)
     _refused_children: dict[tuple[str, int], Counter] = field(default_factory=dict)
     _error_children: dict[str, Counter] = field(default_factory=dict)
+    _sandbox_children: dict[tuple[str, str], Counter] = field(default_factory=dict)
+    _sandboxes: set[str] = field(default_factory=set)
 
     @classmethod
     def build(cls, registry: CollectorRegistry, multiproc_dir: str = "") -> Metrics:
@@ -100,6 +110,10 @@ class Metrics:
                                            "Milliseconds from forwarding a request to the upstream's "
                                            "response headers (connect included)",
                                            registry=registry, buckets=DURATION_BUCKETS_MS),
+            sandbox_errors=Counter("aenv_gateway_sandbox_errors_total",
+                                   "Upstream failures by sandbox (AEnvCore-EnvInstance-ID, else the target "
+                                   f"host:port) and kind; after {MAX_SANDBOX_LABELS} sandboxes, sandbox=other",
+                                   ("sandbox", "kind"), registry=registry),
             multiproc_dir=multiproc_dir,
         )
         metrics._upstream_bytes = metrics.relayed_bytes.labels("upstream")
@@ -109,7 +123,7 @@ class Metrics:
         return metrics
 
     def observe(self, method: str, path: str, status: int, rpc_method: str, elapsed_ms: float,
-                exchange: Exchange, bytes_in: int, refused_reason: str = "") -> None:
+                exchange: Exchange, bytes_in: int, refused_reason: str = "", sandbox: str = "") -> None:
         """One finished request: its counter, its duration unless a stream, bytes and failures.
 
         Relayed bytes count bodies that crossed the gateway, not the gateway's own answers.
@@ -132,12 +146,25 @@ class Metrics:
             self.upstream_response_ms.observe(exchange.upstream_ms)
         if exchange.upstream_error:
             self._error_children[exchange.upstream_error].inc()
+            if exchange.upstream_error != "policy":
+                self._sandbox_failed(sandbox or exchange.target, exchange.upstream_error)
         if refused_reason:
             refused = self._refused_children.get((refused_reason, status))
             if refused is None:
                 refused = self._refused_children[refused_reason, status] = self.refused.labels(
                     refused_reason, str(status))
             refused.inc()
+
+    def _sandbox_failed(self, sandbox: str, kind: str) -> None:
+        if sandbox not in self._sandboxes:
+            if len(self._sandboxes) >= MAX_SANDBOX_LABELS:
+                sandbox = OTHER_SANDBOXES
+            else:
+                self._sandboxes.add(sandbox)
+        child = self._sandbox_children.get((sandbox, kind))
+        if child is None:
+            child = self._sandbox_children[sandbox, kind] = self.sandbox_errors.labels(sandbox, kind)
+        child.inc()
 
     @contextmanager
     def open_stream(self, exchange: Exchange) -> Iterator[None]:

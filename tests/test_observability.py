@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import structlog
 from aiohttp import web
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 from yarl import URL
@@ -21,9 +21,10 @@ from yarl import URL
 from gateway.admin import Readiness
 from gateway.app import build_admin_app, build_gateway_app
 from gateway.config import Settings
-from gateway.headers import MCP_PROXY_URL, REQUEST_ID
+from gateway.exchange import Exchange
+from gateway.headers import ENV_INSTANCE_ID, MCP_PROXY_URL, REQUEST_ID
 from gateway.log import AccessLine, configure_logging
-from gateway.metrics import UPSTREAM_ERROR_KINDS, Metrics
+from gateway.metrics import MAX_SANDBOX_LABELS, UPSTREAM_ERROR_KINDS, Metrics
 from tests.conftest import Upstream, gateway_settings
 
 Labels = tuple[tuple[str, str], ...]
@@ -259,8 +260,9 @@ async def test_upstream_failures_are_counted_by_kind(
 ) -> None:
     observed = await observed_gateway(aiohttp_client)
 
+    port = closed_port()
     refused = await observed.gateway.post(
-        "/mcp", data=rpc("initialize"), headers={MCP_PROXY_URL: f"http://127.0.0.1:{closed_port()}"})
+        "/mcp", data=rpc("initialize"), headers={MCP_PROXY_URL: f"http://127.0.0.1:{port}", ENV_INSTANCE_ID: "env-9"})
     broken = await observed.gateway.get("/mcp", headers={MCP_PROXY_URL: str(sse_upstream.url), "X-Break": "1"})
     broken_body = await asyncio.wait_for(broken.read(), 5)
     text = await observed.metrics()
@@ -271,6 +273,10 @@ async def test_upstream_failures_are_counted_by_kind(
     assert {labels[0][1]: value for labels, value in errors.items() if value} == {
         "connect_refused": 1.0, "reset_mid_stream": 1.0}
     assert samples(text, "aenv_gateway_refused_requests_total") == {}  # the upstream failed, not the request
+    # Which sandboxes fail: by instance id when the caller names one, else by target host:port.
+    assert samples(text, "aenv_gateway_sandbox_errors_total") == {
+        (("kind", "connect_refused"), ("sandbox", "env-9")): 1.0,
+        (("kind", "reset_mid_stream"), ("sandbox", f"127.0.0.1:{sse_upstream.url.port}")): 1.0}
     assert [(line["outcome"], line.get("upstream_error"), line["level"]) for line in access_lines(log_stream)] == [
         ("upstream_error", "connect_refused", "warning"), ("upstream_error", "reset_mid_stream", "warning")]
 
@@ -476,3 +482,16 @@ async def test_a_caller_leaving_before_the_upstream_answers_is_logged_as_499_cli
     [line] = access_lines(log_stream)
     assert (line["status"], line["outcome"], line["rpc_method"]) == (499, "client_closed", "tools/call")
     assert samples(text, "aenv_api_mcp_requests_total") == {request_labels("POST", "/mcp", "tools/call", 499): 1.0}
+
+
+def test_failing_sandboxes_beyond_the_bound_share_one_series() -> None:
+    metrics = Metrics.build(CollectorRegistry())
+    for n in range(MAX_SANDBOX_LABELS + 50):
+        exchange = Exchange(f"r{n}", 0)
+        exchange.target = "10.0.0.1:8081"
+        exchange.upstream_failed("timeout")
+        metrics.observe("POST", "/mcp", 504, "tools/call", 1.0, exchange, 10, "", f"env-{n}")
+
+    errors = samples(generate_latest(metrics.registry).decode(), "aenv_gateway_sandbox_errors_total")
+    assert len(errors) == MAX_SANDBOX_LABELS + 1
+    assert errors[(("kind", "timeout"), ("sandbox", "other"))] == 50.0
