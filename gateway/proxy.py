@@ -10,7 +10,6 @@ import time
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import Final
 
-import structlog
 from aiohttp import web
 
 from gateway import sse
@@ -31,8 +30,6 @@ from gateway.metrics import METRICS
 from gateway.upstream import Body, UpstreamClient, UpstreamResponse
 from gateway.via import VIA, VIA_MARK
 
-log = structlog.get_logger(__name__)
-
 ENGINE: Final = web.AppKey("engine", Engine)
 SETTINGS: Final = web.AppKey("settings", Settings)
 UPSTREAM: Final = web.AppKey("upstream", UpstreamClient)
@@ -43,22 +40,23 @@ SMALL_BODY_BYTES: Final = 64 * 1024
 
 
 async def handle(request: web.Request) -> web.StreamResponse:
-    engine = request.app[ENGINE]
+    app = request.app
+    engine = app[ENGINE]
     if request.path == "/health" and request.method == "GET" and not _is_routed(request, engine):
         return web.json_response({"status": "ok", "engine": engine.name})
 
     target = engine.resolve(request.headers, request.raw_path)
     exchange = request[EXCHANGE]
     exchange.target = authority(target.url)
-    request.app[LIMITS].admit(request, target)  # 429 over --max-inflight-per-target
-    settings = request.app[SETTINGS]
+    app[LIMITS].admit(request, target)  # 429 over --max-inflight-per-target
+    settings = app[SETTINGS]
     upstream_headers = upstream_request_headers(request.headers, target.added_headers)
     upstream_headers[REQUEST_ID] = exchange.request_id
-    upstream_headers.add(VIA, request.app[VIA_MARK])  # the loop guard's mark (via.py)
+    upstream_headers.add(VIA, app[VIA_MARK])  # the loop guard's mark (via.py)
     forwarded_at = time.perf_counter()
     with upstream_errors(target.url):
-        async with request.app[DEADLINES].within(settings.idle_timeout_s):
-            upstream_response = await request.app[UPSTREAM].request(
+        async with app[DEADLINES].within(settings.idle_timeout_s):
+            upstream_response = await app[UPSTREAM].request(
                 request.method, target.url, upstream_headers, await _request_body(request, exchange)
             )
     exchange.upstream_ms = (time.perf_counter() - forwarded_at) * 1000
