@@ -101,3 +101,18 @@ async def upstream(aiohttp_server: AiohttpServer) -> Upstream:
     server = await aiohttp_server(app)
     recorder.url = server.make_url("")
     return recorder
+
+
+# Every secret a test hands the gateway (arca keys, bearer tokens, auth-token files) contains this
+# marker; no test's captured output (logs, stdout, stderr) may contain it, across the whole suite.
+SECRET_MARKER: Final = "5ecret"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    leaked = [title for title, text in report.sections if SECRET_MARKER in text]
+    if leaked and report.passed:
+        report.outcome = "failed"
+        report.longrepr = f"a secret (marked {SECRET_MARKER!r}) reached: {', '.join(leaked)}"

@@ -32,7 +32,7 @@ from gateway.engines.arca import REJECT_MESSAGE
 from gateway.headers import ENV_INSTANCE_ID, MCP_PROXY_URL, SANDBOX_API_KEY, SANDBOX_ID, without_hop_by_hop
 from tests.conftest import Seen, Upstream, gateway_settings
 
-KEY = "sk-arca-5d1e0b7c"
+KEY = "sk-arca-5ecret-5d1e0b7c"
 SANDBOX = "/arca/api/v1/sandbox"
 REJECTED = {"success": False, "code": 501, "message": REJECT_MESSAGE, "data": None}
 
@@ -124,7 +124,7 @@ async def test_sandbox_headers_are_injected_and_replace_the_callers(
     headers = [
         *sdk_headers(upstream).items(),
         ("X-Agent-Sandbox-Api-Key", "forged"), ("x-agent-sandbox-api-key", "forged-again"),
-        ("X-AGENT-SANDBOX-ID", "sbx-other"), ("Authorization", "Bearer caller"), ("Mcp-Session-Id", "s-1"),
+        ("X-AGENT-SANDBOX-ID", "sbx-other"), ("Authorization", "Bearer caller-5ecret"), ("Mcp-Session-Id", "s-1"),
     ]
 
     downstream_response = await gateway.post("/mcp", headers=headers, data=b"{}")
@@ -134,7 +134,7 @@ async def test_sandbox_headers_are_injected_and_replace_the_callers(
     forwarded = {name.lower(): seen.headers.getall(name) for name in seen.headers}
     assert forwarded[SANDBOX_API_KEY.lower()] == [KEY]
     assert forwarded[SANDBOX_ID.lower()] == ["sbx-1"]
-    assert forwarded["authorization"] == ["Bearer caller"]
+    assert forwarded["authorization"] == ["Bearer caller-5ecret"]
     assert forwarded["mcp-session-id"] == ["s-1"]
     assert forwarded["aenvcore-envinstance-id"] == ["sbx-1"]
     assert MCP_PROXY_URL not in seen.headers

@@ -56,14 +56,14 @@ def test_loop_detection_reads_every_entry_of_a_via_list() -> None:
 @pytest.fixture
 def token_file(tmp_path: Path) -> str:
     path = tmp_path / "tokens"
-    path.write_text("# agents\ns3cret-one\n\n  s3cret-two  \n")
+    path.write_text("# agents\n5ecret-one\n\n  5ecret-two  \n")
     return str(path)
 
 
 UNAUTHORIZED = {"error": "a valid Authorization: Bearer token is required", "code": "unauthorized"}
 
 
-@pytest.mark.parametrize("authorization", [None, "Bearer wrong", "Basic s3cret-one", "Bearer", "s3cret-one"])
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", "Basic 5ecret-one", "Bearer", "5ecret-one"])
 async def test_a_missing_or_wrong_token_gets_401(
     authorization: str | None, token_file: str, upstream: Upstream, aiohttp_client: AiohttpClient
 ) -> None:
@@ -79,7 +79,7 @@ async def test_a_missing_or_wrong_token_gets_401(
     assert upstream.seen == []
 
 
-@pytest.mark.parametrize(("forward", "forwarded"), [(False, None), (True, "Bearer s3cret-two")])
+@pytest.mark.parametrize(("forward", "forwarded"), [(False, None), (True, "Bearer 5ecret-two")])
 async def test_a_valid_token_passes_and_is_stripped_unless_forwarded(
     forward: bool, forwarded: str | None, token_file: str, upstream: Upstream, aiohttp_client: AiohttpClient
 ) -> None:
@@ -87,7 +87,7 @@ async def test_a_valid_token_passes_and_is_stripped_unless_forwarded(
     gateway = await aiohttp_client(build_gateway_app(settings))
 
     response = await gateway.post("/mcp", data=b"{}", headers={
-        MCP_PROXY_URL: str(upstream.url), "Authorization": "Bearer s3cret-two"})
+        MCP_PROXY_URL: str(upstream.url), "Authorization": "Bearer 5ecret-two"})
 
     assert (response.status, await response.json()) == (200, {"ok": True})
     [seen] = upstream.seen
@@ -261,7 +261,7 @@ async def test_auth_and_inflight_limits_release_every_slot(
     # Regression: auth hands a cloned request inward; a slot taken on the clone was never released.
     settings = gateway_settings(auth_token_file=token_file, max_inflight_per_target=1)
     gateway = await aiohttp_client(build_gateway_app(settings))
-    headers = {MCP_PROXY_URL: str(upstream.url), "Authorization": "Bearer s3cret-one"}
+    headers = {MCP_PROXY_URL: str(upstream.url), "Authorization": "Bearer 5ecret-one"}
 
     statuses = [(await gateway.get("/mcp", headers=headers)).status for _ in range(3)]
 

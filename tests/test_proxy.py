@@ -68,7 +68,7 @@ async def test_headers_pass_both_ways_except_hop_by_hop_and_routing(gateway, aio
     app.router.add_route("*", "/{tail:.*}", echo)
     server = await aiohttp_server(app)
     downstream_headers = {
-        MCP_PROXY_URL: str(server.make_url("")), "Authorization": "Bearer t", "Mcp-Session-Id": "s-1",
+        MCP_PROXY_URL: str(server.make_url("")), "Authorization": "Bearer t-5ecret", "Mcp-Session-Id": "s-1",
         "Mcp-Protocol-Version": "2025-06-18", "Last-Event-ID": "41", "Accept": "text/event-stream",
         "Cookie": "a=1", "AEnvCore-EnvInstance-ID": "env-1", "Connection": "X-Drop", "X-Drop": "1",
         "Keep-Alive": "timeout=9", "X-Custom": "kept", "User-Agent": "test/1", "Accept-Encoding": "br",
@@ -81,7 +81,7 @@ async def test_headers_pass_both_ways_except_hop_by_hop_and_routing(gateway, aio
     assert upstream_saw.pop("X-Request-ID")  # the gateway's request id travels with the request
     assert upstream_saw.pop("Via").startswith("1.1 ")  # the loop guard's mark
     assert {k: v for k, v in upstream_saw.items() if k not in ("Host", "Content-Length")} == {
-        "Authorization": "Bearer t", "Mcp-Session-Id": "s-1", "Mcp-Protocol-Version": "2025-06-18",
+        "Authorization": "Bearer t-5ecret", "Mcp-Session-Id": "s-1", "Mcp-Protocol-Version": "2025-06-18",
         "Last-Event-ID": "41", "Accept": "text/event-stream", "Cookie": "a=1", "AEnvCore-EnvInstance-ID": "env-1",
         "X-Custom": "kept", "User-Agent": "test/1", "Accept-Encoding": "br",
     }

@@ -24,7 +24,7 @@ from gateway.engines.arca import (
 from gateway.errors import ConfigError, DataPlaneUnsupported, MalformedHeader, MalformedPath, MissingHeader
 from gateway.headers import ENV_INSTANCE_ID, MCP_PROXY_URL, SANDBOX_API_KEY, SANDBOX_ID, upstream_request_headers
 
-KEY = "sk-arca-7f3a9c"
+KEY = "sk-arca-5ecret-7f3a9c"
 ARCA = ["--schedule-type", "arca", "--arca-base-url", "http://arca.internal:8080"]
 
 
