@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
+from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
 
 from gateway import admin, proxy
@@ -51,7 +50,7 @@ def build_gateway_app(
         # release on the same object the proxy admits.
         tokens = read_tokens(settings.auth_token_file)
         layers.insert(2, bearer_auth(tokens, engine.routing_headers, settings.forward_authorization))
-    app = web.Application()
+    app = web.Application(middlewares=layers)
     app[proxy.SETTINGS] = settings
     app[proxy.ENGINE] = engine
     app[LIMITS] = limits
@@ -68,19 +67,8 @@ def build_gateway_app(
     deadlines = Deadlines(resolution_s=min(1.0, settings.idle_timeout_s / 10))
     app[proxy.DEADLINES] = deadlines
     app.cleanup_ctx.append(lambda _: deadlines.run())
-    app.router.add_route("*", "/{tail:.*}", chain(layers, proxy.handle))
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
     return app
-
-
-def chain(layers: Sequence[Middleware], handler: Handler) -> Handler:
-    """The layers wrapped around handler once, at startup.
-
-    aiohttp rebuilds its middleware chain for every request (a partial and update_wrapper per layer);
-    the data plane has one route, so its layers are composed here instead, a few µs a request less.
-    """
-    for layer in reversed(layers):
-        handler = functools.partial(layer, handler=handler)
-    return handler
 
 
 def _upstream_client(settings: Settings) -> UpstreamClient:
