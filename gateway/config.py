@@ -61,11 +61,23 @@ def _port(raw: str) -> int:
     return value
 
 
-def _positive_float(raw: str) -> float:
-    value = float(raw)
-    if not value > 0:
-        raise ValueError("must be greater than 0")
-    return value
+def _number(kind: Callable[[str], float], *, above_zero: bool) -> Callable[[str], Any]:
+    """A parser for an int or float that must be > 0 (above_zero) or >= 0; NaN is neither."""
+    def parse(raw: str) -> float:
+        value = kind(raw)
+        if above_zero and not value > 0:
+            raise ValueError("must be greater than 0")
+        if not value >= 0:
+            raise ValueError("must be 0 or more")
+        return value
+
+    return parse
+
+
+_positive_int: Final = _number(int, above_zero=True)
+_non_negative_int: Final = _number(int, above_zero=False)
+_positive_float: Final = _number(float, above_zero=True)
+_non_negative_float: Final = _number(float, above_zero=False)
 
 
 def _workers(raw: str) -> int:
@@ -77,25 +89,7 @@ def _workers(raw: str) -> int:
     return int(raw)
 
 
-def _non_negative_float(raw: str) -> float:
-    value = float(raw)
-    if not value >= 0:
-        raise ValueError("must be 0 or more")
-    return value
 
-
-def _non_negative_int(raw: str) -> int:
-    value = int(raw)
-    if value < 0:
-        raise ValueError("must be 0 or more")
-    return value
-
-
-def _positive_int(raw: str) -> int:
-    value = int(raw)
-    if value <= 0:
-        raise ValueError("must be greater than 0")
-    return value
 
 
 def _boolean(raw: str) -> bool:
