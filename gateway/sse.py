@@ -53,7 +53,8 @@ async def relay(
             break
         exchange.bytes_out += len(chunk)
         await downstream_response.write(chunk)  # raises ConnectionResetError once the client left
-        tail = (tail + chunk)[-4:] if len(chunk) < 4 else chunk[-4:]
+        if keepalive_s:  # only a keepalive needs to know whether we stopped between events
+            tail = (tail + chunk)[-4:] if len(chunk) < 4 else chunk[-4:]
     if stream.closing:
         log.info("sse_closed_by_drain", request_id=exchange.request_id)
     await downstream_response.write_eof()
