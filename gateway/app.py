@@ -1,4 +1,4 @@
-"""Wiring: the data-plane and admin applications, their routes, middleware and shared resources."""
+"""Wiring: the data-plane and admin applications, their routes, handlers and shared resources."""
 
 from __future__ import annotations
 
@@ -6,23 +6,22 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, Final
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 from prometheus_client import CollectorRegistry
 
 from gateway import admin, proxy
 from gateway.admin import READINESS, Readiness
 from gateway.auth import bearer_auth
 from gateway.config import Settings, read_tokens
+from gateway.dataplane import data_plane_handler
 from gateway.deadlines import Deadlines
 from gateway.engines import Engine, build_engine
-from gateway.errors import error_middleware
 from gateway.http1 import Http1Client
 from gateway.limits import LIMITS, Limits
-from gateway.log import access_middleware
+from gateway.log import AccessLog
 from gateway.metrics import METRICS, Metrics
 from gateway.policy import TargetPolicy
 from gateway.upstream import AiohttpClient, UpstreamClient
-from gateway.via import VIA_MARK, loop_guard, new_mark
+from gateway.via import VIA_MARK, new_mark
 
 # How the data plane must be served (AppRunner / TestServer keyword arguments):
 # - handler_cancellation: web.run_app and AppRunner leave it off, and then a handler relaying a silent
@@ -42,15 +41,11 @@ def build_gateway_app(
     engine = engine or build_engine(settings)
     limits = Limits(settings)
     metrics = metrics or Metrics.build(CollectorRegistry())
-    # Outermost first. The access line wraps everything so refusals are logged and counted too.
-    layers: list[Middleware] = [access_middleware(settings, metrics, engine.name), error_middleware,
-                                limits.middleware, loop_guard]
+    authenticate = None
     if settings.auth_token_file:
-        # Before limits: auth hands inner layers a clone of the request, and limits must count and
-        # release on the same object the proxy admits.
         tokens = read_tokens(settings.auth_token_file)
-        layers.insert(2, bearer_auth(tokens, engine.routing_headers, settings.forward_authorization))
-    app = web.Application(middlewares=layers)
+        authenticate = bearer_auth(tokens, engine.routing_headers, settings.forward_authorization)
+    app = web.Application()
     app[proxy.SETTINGS] = settings
     app[proxy.ENGINE] = engine
     app[LIMITS] = limits
@@ -67,7 +62,8 @@ def build_gateway_app(
     deadlines = Deadlines(resolution_s=min(1.0, settings.idle_timeout_s / 10))
     app[proxy.DEADLINES] = deadlines
     app.cleanup_ctx.append(lambda _: deadlines.run())
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    access_log = AccessLog(settings, metrics, engine.name)
+    app.router.add_route("*", "/{tail:.*}", data_plane_handler(access_log, limits, app[VIA_MARK], authenticate))
     return app
 
 

@@ -24,10 +24,9 @@ import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, ClassVar, Final
+from typing import Any, ClassVar
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 from yarl import URL
 
 
@@ -179,15 +178,6 @@ def upstream_errors(url: URL) -> Iterator[None]:
         raise UpstreamUnreachable(f"upstream {where} failed: {reason}") from exc
 
 
-# The error a request was answered with, for the access log line (log.py) to record.
-ANSWERED_ERROR: Final = web.RequestKey("answered_error", GatewayError)
-
-
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Answer every GatewayError as JSON with its status; the access log line records it once."""
-    try:
-        return await handler(request)
-    except GatewayError as exc:
-        request[ANSWERED_ERROR] = exc
-        return web.json_response(exc.body(), status=exc.status, headers=exc.response_headers())
+def error_response(error: GatewayError) -> web.Response:
+    """A GatewayError as the JSON answer with its status."""
+    return web.json_response(error.body(), status=error.status, headers=error.response_headers())

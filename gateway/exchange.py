@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import itertools
 import os
+import time
 from typing import Final
 
-from aiohttp import web
-
+from gateway.errors import GatewayError
 from gateway.jsonrpc import PEEK_BYTES
 
 # Outcomes, the `outcome` field of the access log line.
@@ -36,11 +36,14 @@ class Exchange:
     __slots__ = (
         "body_head",
         "bytes_out",
+        "elapsed_ms",
+        "error",
         "is_stream",
         "log_body_bytes",
         "outcome",
         "request_id",
         "response_head",
+        "started",
         "status",
         "target",
         "upstream_error",
@@ -49,6 +52,9 @@ class Exchange:
 
     def __init__(self, request_id: str, log_body_bytes: int = 0) -> None:
         self.request_id = request_id
+        self.started = time.perf_counter()
+        self.elapsed_ms = 0.0  # until the handler returned or raised
+        self.error: GatewayError | None = None  # what we answered, when we answered ourselves
         self.log_body_bytes = log_body_bytes  # --log-bodies: keep this many response bytes
         self.target = ""  # host:port of the upstream, never more of the URL
         self.body_head: bytes | bytearray = b""  # the request body, or its first bytes when streamed
@@ -76,9 +82,10 @@ class Exchange:
         if len(head) < self.log_body_bytes:
             head += chunk[: self.log_body_bytes - len(head)]
 
+    def finished(self) -> None:
+        self.elapsed_ms = (time.perf_counter() - self.started) * 1000
+
     def upstream_failed(self, kind: str) -> None:
         self.outcome = UPSTREAM_ERROR
         self.upstream_error = kind
 
-
-EXCHANGE: Final = web.RequestKey("exchange", Exchange)

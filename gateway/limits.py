@@ -1,7 +1,7 @@
 """Limits: body and header sizes, in-flight requests per target, open SSE streams, and the drain.
 
-Plain counters on one Limits value per app; the middleware releases whatever a request took, so
-the proxy only calls admit() and admit_stream() at the points where it knows the target.
+Plain counters on one Limits value per app; the data plane (dataplane.py) checks sizes, enters and
+releases every request, and the proxy calls admit() and admit_stream() where it knows the target.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from itertools import chain
 from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
 from gateway.engines import Target
 from gateway.errors import BodyTooLarge, HeadersTooLarge, TargetBusy, TooManyStreams, authority
@@ -87,7 +86,24 @@ class Limits:
         request[_STREAM] = stream
         return stream
 
-    def _release(self, request: web.Request) -> None:
+    def check(self, request: web.Request) -> None:
+        """413 and 431 before anything is forwarded."""
+        length = request.content_length
+        if length is not None and length > self.max_body_size:
+            raise BodyTooLarge(f"request body of {length} bytes exceeds --max-body-size {self.max_body_size}")
+        raw_headers = request.raw_headers
+        # Each line is "name: value\r\n"; counted in C, as this runs on every request.
+        header_bytes = sum(map(len, chain.from_iterable(raw_headers))) + 4 * len(raw_headers)
+        if header_bytes > self.max_header_size:
+            raise HeadersTooLarge(f"request headers of {header_bytes} bytes exceed --max-header-size "
+                                  f"{self.max_header_size}")
+
+    def enter(self) -> None:
+        """A request is in flight until release(): the drain waits for it."""
+        self.inflight += 1
+
+    def release(self, request: web.Request) -> None:
+        """Give back whatever the request took: its place in flight, its target's count, its stream."""
         self.inflight -= 1
         if not self.inflight and self._idle is not None:
             self._idle.set()
@@ -101,24 +117,6 @@ class Limits:
         stream = request.get(_STREAM)
         if stream is not None:
             self.streams.discard(stream)
-
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """413 and 431 before anything is forwarded; counts every request for the drain."""
-        length = request.content_length
-        if length is not None and length > self.max_body_size:
-            raise BodyTooLarge(f"request body of {length} bytes exceeds --max-body-size {self.max_body_size}")
-        raw_headers = request.raw_headers
-        # Each line is "name: value\r\n"; counted in C, as this runs on every request.
-        header_bytes = sum(map(len, chain.from_iterable(raw_headers))) + 4 * len(raw_headers)
-        if header_bytes > self.max_header_size:
-            raise HeadersTooLarge(f"request headers of {header_bytes} bytes exceed --max-header-size "
-                                  f"{self.max_header_size}")
-        self.inflight += 1
-        try:
-            return await handler(request)
-        finally:
-            self._release(request)
 
     async def limited(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
         """A streamed body, raising BodyTooLarge past --max-body-size: the upstream sees a broken request."""

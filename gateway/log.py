@@ -1,4 +1,4 @@
-"""structlog configuration (once, by the CLI) and the access middleware: one line and one metrics
+"""structlog configuration (once, by the CLI) and the access log: one line and one metrics
 observation per finished request, a stream's when it ends.
 """
 
@@ -16,13 +16,10 @@ from typing import Any, Final, TextIO
 
 import structlog
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
 from gateway.config import OPTIONS, Settings
-from gateway.errors import ANSWERED_ERROR
 from gateway.exchange import (
     CLIENT_CLOSED,
-    EXCHANGE,
     INTERNAL_ERROR,
     OK,
     REFUSED,
@@ -156,52 +153,42 @@ def _json_value(value: Any) -> str:
     return json.dumps(value)
 
 
-def access_middleware(settings: Settings, metrics: Metrics, engine: str) -> Middleware:
-    access_line = AccessLine()
-    log_body_bytes = settings.log_bodies
-    secrets = secret_values(settings)
+class AccessLog:
+    """One access line and one metrics observation per finished request, a stream's when it ends.
 
-    # Finished requests wait here for the end of the event loop's current pass, then are counted and
-    # logged together: the same work, done in one warm loop instead of between two requests.
-    finished: list[tuple[web.Request, Exchange, web.StreamResponse | None, float]] = []
+    Finished requests wait for the end of the event loop's current pass, then are counted and logged
+    together: the same work, done in one warm loop instead of between two requests.
+    """
 
-    @web.middleware
-    async def access(request: web.Request, handler: Handler) -> web.StreamResponse:
-        started = time.perf_counter()
+    def __init__(self, settings: Settings, metrics: Metrics, engine: str) -> None:
+        self._line = AccessLine()
+        self._metrics = metrics
+        self._engine = engine
+        self._log_body_bytes = settings.log_bodies
+        self._secrets = secret_values(settings)
+        self._finished: list[tuple[web.Request, Exchange, web.StreamResponse | None]] = []
+
+    def exchange(self, request: web.Request) -> Exchange:
+        """The record of a request that has just arrived; its id is the caller's X-Request-ID or a new one."""
         request_id = request.headers.get(REQUEST_ID) or new_request_id()
-        exchange = request[EXCHANGE] = Exchange(request_id[:_MAX_FIELD_CHARS], log_body_bytes)
-        response: web.StreamResponse | None = None
-        try:
-            response = await handler(request)
-            if not response.prepared:  # our own answers; the proxy sets it on relayed responses
-                response.headers[REQUEST_ID] = exchange.request_id
-            return response
-        except (ConnectionResetError, asyncio.CancelledError):  # the downstream went away
-            exchange.outcome = CLIENT_CLOSED
-            raise
-        except web.HTTPException as exc:
-            exchange.status = exc.status
-            raise
-        except Exception:
-            exchange.outcome = INTERNAL_ERROR
-            exchange.status = 500
-            raise
-        finally:
-            finished.append((request, exchange, response, (time.perf_counter() - started) * 1000))
-            if len(finished) == 1:
-                asyncio.get_running_loop().call_soon(_account_finished)
+        return Exchange(request_id[:_MAX_FIELD_CHARS], self._log_body_bytes)
 
-    def _account_finished() -> None:
-        batch = finished.copy()
-        finished.clear()
-        for request, exchange, response, elapsed_ms in batch:
+    def finished(self, request: web.Request, exchange: Exchange, response: web.StreamResponse | None) -> None:
+        """The handler returned or raised: the request is accounted at the end of this loop pass."""
+        exchange.finished()
+        self._finished.append((request, exchange, response))
+        if len(self._finished) == 1:
+            asyncio.get_running_loop().call_soon(self._account_finished)
+
+    def _account_finished(self) -> None:
+        batch, self._finished = self._finished, []
+        for request, exchange, response in batch:
             try:
-                _finish(request, exchange, response, elapsed_ms)
+                self._account(request, exchange, response)
             except Exception:  # a bug in accounting must not cost the other requests their lines
                 structlog.get_logger(__name__).exception("access_accounting_failed")
 
-    def _finish(request: web.Request, exchange: Exchange, response: web.StreamResponse | None,
-                elapsed_ms: float) -> None:
+    def _account(self, request: web.Request, exchange: Exchange, response: web.StreamResponse | None) -> None:
         status = exchange.status
         bytes_out = exchange.bytes_out
         if response is not None:
@@ -210,7 +197,7 @@ def access_middleware(settings: Settings, metrics: Metrics, engine: str) -> Midd
                 bytes_out = len(response.body)  # type: ignore[arg-type]  # our own JSON: bytes
         elif not status:
             status = CLIENT_CLOSED_STATUS if exchange.outcome == CLIENT_CLOSED else 500
-        error = request.get(ANSWERED_ERROR)
+        error = exchange.error
         refused_reason = ""
         if error is not None:
             kind = upstream_error_kind(error)
@@ -226,8 +213,9 @@ def access_middleware(settings: Settings, metrics: Metrics, engine: str) -> Midd
         label = rpc_method(exchange.body_head) if method == "POST" and exchange.body_head else ""
         bytes_in = request.content.total_bytes
         instance_id = request.headers.get(ENV_INSTANCE_ID, "")[:_MAX_FIELD_CHARS]
-        metrics.observe(method, request.path, status, label, elapsed_ms, exchange, bytes_in, refused_reason,
-                        instance_id)
+        elapsed_ms = exchange.elapsed_ms
+        self._metrics.observe(method, request.path, status, label, elapsed_ms, exchange, bytes_in, refused_reason,
+                              instance_id)
         fields: dict[str, Any] = {
             "request_id": exchange.request_id,
             "method": method,
@@ -239,7 +227,7 @@ def access_middleware(settings: Settings, metrics: Metrics, engine: str) -> Midd
             "instance_id": instance_id,
             "target": exchange.target,
             "rpc_method": label,
-            "engine": engine,
+            "engine": self._engine,
             "outcome": exchange.outcome,
         }
         if exchange.is_stream:
@@ -249,11 +237,9 @@ def access_middleware(settings: Settings, metrics: Metrics, engine: str) -> Midd
         if error is not None:
             fields["code"] = error.code
             fields["error"] = error.message
-        if log_body_bytes:
+        if self._log_body_bytes:
             if exchange.body_head:
-                fields["request_body"] = redact_body(exchange.body_head[:log_body_bytes], secrets)
+                fields["request_body"] = redact_body(exchange.body_head[:self._log_body_bytes], self._secrets)
             if exchange.response_head is not None and not exchange.is_stream:
-                fields["response_body"] = redact_body(exchange.response_head, secrets)
-        access_line.write("warning" if exchange.outcome in (UPSTREAM_ERROR, INTERNAL_ERROR) else "info", fields)
-
-    return access
+                fields["response_body"] = redact_body(exchange.response_head, self._secrets)
+        self._line.write("warning" if exchange.outcome in (UPSTREAM_ERROR, INTERNAL_ERROR) else "info", fields)

@@ -17,7 +17,7 @@ from gateway.config import Settings
 from gateway.deadlines import Deadlines, IdleTimeout
 from gateway.engines import Engine
 from gateway.errors import authority, upstream_errors
-from gateway.exchange import EXCHANGE, Exchange
+from gateway.exchange import Exchange
 from gateway.headers import (
     CONTENT_TYPE,
     REQUEST_ID,
@@ -39,14 +39,13 @@ DEADLINES: Final = web.AppKey("deadlines", Deadlines)
 SMALL_BODY_BYTES: Final = 64 * 1024
 
 
-async def handle(request: web.Request) -> web.StreamResponse:
+async def handle(request: web.Request, exchange: Exchange) -> web.StreamResponse:
     app = request.app
     engine = app[ENGINE]
     if request.path == "/health" and request.method == "GET" and not _is_routed(request, engine):
         return web.json_response({"status": "ok", "engine": engine.name})
 
     target = engine.resolve(request.headers, request.raw_path)
-    exchange = request[EXCHANGE]
     exchange.target = authority(target.url)
     app[LIMITS].admit(request, target)  # 429 over --max-inflight-per-target
     settings = app[SETTINGS]

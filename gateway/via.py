@@ -11,8 +11,7 @@ import secrets
 from typing import Final
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
-from multidict import istr
+from multidict import CIMultiDictProxy, istr
 
 from gateway.errors import LoopDetected
 
@@ -30,9 +29,7 @@ def has_passed(via_values: list[str], mark: str) -> bool:
     return any(entry.strip() == mark for value in via_values for entry in value.split(","))
 
 
-@web.middleware
-async def loop_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+def refuse_loops(headers: CIMultiDictProxy[str], mark: str) -> None:
     """508 for a request that already passed through this gateway; nothing is forwarded."""
-    if VIA in request.headers and has_passed(request.headers.getall(VIA), request.app[VIA_MARK]):
+    if VIA in headers and has_passed(headers.getall(VIA), mark):
         raise LoopDetected("request already passed through this gateway (Via); its target points back here")
-    return await handler(request)

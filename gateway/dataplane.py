@@ -1,0 +1,65 @@
+"""The data plane's one handler: the checks, the proxy call, our own error answers and the accounting.
+
+Plain calls in one coroutine rather than a stack of aiohttp middleware, whose layers cost a
+coroutine and a partial each per request (docs/performance.md). The order is the contract:
+
+    access log and metrics   every request once it finished, refusals included
+    authentication           401 (--auth-token-file); header-less GET /health stays open
+    size limits              413, 431; from here on the request counts as in flight for the drain
+    loop guard               508
+    proxy                    engine, per-target limit, upstream call, relay (proxy.py)
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway import proxy
+from gateway.auth import Authenticate
+from gateway.errors import GatewayError, error_response
+from gateway.exchange import CLIENT_CLOSED, INTERNAL_ERROR
+from gateway.headers import REQUEST_ID
+from gateway.limits import Limits
+from gateway.log import AccessLog
+from gateway.via import refuse_loops
+
+
+def data_plane_handler(
+    access_log: AccessLog, limits: Limits, via_mark: str, authenticate: Authenticate | None = None
+) -> Handler:
+    async def serve(request: web.Request) -> web.StreamResponse:
+        exchange = access_log.exchange(request)
+        response: web.StreamResponse | None = None
+        try:
+            try:
+                forwarded = request if authenticate is None else authenticate(request)
+                limits.check(forwarded)
+                limits.enter()
+                try:
+                    refuse_loops(forwarded.headers, via_mark)
+                    response = await proxy.handle(forwarded, exchange)
+                finally:
+                    limits.release(forwarded)
+            except GatewayError as error:
+                exchange.error = error
+                response = error_response(error)
+            if not response.prepared:  # our own answers; the proxy sets it on relayed responses
+                response.headers[REQUEST_ID] = exchange.request_id
+            return response
+        except (ConnectionResetError, asyncio.CancelledError):  # the downstream went away
+            exchange.outcome = CLIENT_CLOSED
+            raise
+        except web.HTTPException as exc:
+            exchange.status = exc.status
+            raise
+        except Exception:
+            exchange.outcome = INTERNAL_ERROR
+            exchange.status = 500
+            raise
+        finally:
+            access_log.finished(request, exchange, response)
+
+    return serve
