@@ -260,6 +260,13 @@ class _Connection(asyncio.Protocol):
             self._transport.resume_reading()
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    def arrived_body(self) -> bytes | None:
+        if not self._complete or self._error is not None or self._reading_paused:
+            return None
+        chunks, self._chunks = self._chunks, []
+        self._buffered = 0
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
     def reusable(self) -> bool:
         return self._complete and self._keep_alive and self._error is None and not self.lost and not self._chunks
 
@@ -292,6 +299,11 @@ class Http1Response:
         if self._connection is None:
             return b""
         return await self._connection.read_chunk()
+
+    def arrived_body(self) -> bytes | None:
+        if self._connection is None:
+            return None
+        return self._connection.arrived_body()
 
     def release(self) -> None:
         connection, self._connection = self._connection, None

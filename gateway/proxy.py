@@ -37,6 +37,8 @@ DEADLINES: Final = web.AppKey("deadlines", Deadlines)
 
 # Bodies up to this size are read whole and sent in one write; larger ones stream.
 SMALL_BODY_BYTES: Final = 64 * 1024
+# Statuses whose responses carry no body whatever their headers say (RFC 9110 §6.4.1).
+_NO_BODY: Final = frozenset({204, 304})
 
 
 async def handle(request: web.Request, exchange: Exchange) -> web.StreamResponse:
@@ -95,6 +97,15 @@ async def _relay_response(
     stream = request.app[LIMITS].admit_stream(request) if event_stream else None  # 503 over --max-streams
     downstream_headers = downstream_response_headers(upstream_response.headers)
     downstream_headers[REQUEST_ID] = exchange.request_id
+    if not event_stream and request.method != "HEAD" and upstream_response.status not in _NO_BODY:
+        body = upstream_response.arrived_body()
+        if body is not None:  # a small reply, complete: aiohttp writes head and body in one go
+            exchange.status = upstream_response.status
+            exchange.bytes_out = len(body)
+            if exchange.log_body_bytes:
+                exchange.keep_response_chunk(body)
+            return web.Response(body=body, status=upstream_response.status, reason=upstream_response.reason,
+                                headers=downstream_headers)
     downstream_response = (web.StreamResponse if event_stream else _CoalescedResponse)(
         status=upstream_response.status, reason=upstream_response.reason, headers=downstream_headers
     )

@@ -34,6 +34,9 @@ class UpstreamResponse(Protocol):
     async def read_chunk(self) -> bytes:
         """The next body bytes as they arrive; b"" at the end. Raises OSError if the body breaks."""
 
+    def arrived_body(self) -> bytes | None:
+        """The whole body if it arrived complete with the head (a small reply), else None."""
+
     def release(self) -> None:
         """Give the connection back to the pool, or close it if the body was not read to the end."""
 
@@ -67,6 +70,9 @@ class AiohttpResponse:
             return await self._response.content.readany()
         except aiohttp.ClientPayloadError as exc:
             raise ConnectionResetError(f"upstream body broke: {exc}") from exc
+
+    def arrived_body(self) -> bytes | None:
+        return None  # aiohttp's client is the compatibility path: its bodies are always pumped
 
     def release(self) -> None:
         self._response.release()
