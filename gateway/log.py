@@ -113,7 +113,7 @@ class AccessLine:
         self._second = -1
         self._second_text = ""
 
-    def write(self, level: str, fields: dict[str, Any]) -> None:
+    def write(self, level: str, fields: dict[str, Any], timestamp: str | None = None) -> None:
         if self._raw is None:
             getattr(self._log, level)("request", **fields)
             return
@@ -121,7 +121,8 @@ class AccessLine:
             return
         members = [f'"{name}":{json_string(value) if value.__class__ is str else _json_value(value)}'
                    for name, value in fields.items()]
-        line = f'{{"timestamp":"{self._timestamp()}","level":"{level}","event":"request",{",".join(members)}}}\n'
+        line = (f'{{"timestamp":"{timestamp or self.timestamp()}","level":"{level}","event":"request",'
+                f'{",".join(members)}}}\n')
         if self._file is None:
             self._raw.msg(line[:-1])
             return
@@ -138,7 +139,7 @@ class AccessLine:
         self._file.write("".join(lines))
         self._file.flush()
 
-    def _timestamp(self) -> str:
+    def timestamp(self) -> str:
         """Like structlog's TimeStamper(fmt="iso", utc=True), formatting the date once a second."""
         now = time.time()
         second = int(now)
@@ -182,13 +183,16 @@ class AccessLog:
 
     def _account_finished(self) -> None:
         batch, self._finished = self._finished, []
+        timestamp = self._line.timestamp()  # the lines of one pass are written in the same microseconds
         for request, exchange, response in batch:
             try:
-                self._account(request, exchange, response)
+                self._account(request, exchange, response, timestamp)
             except Exception:  # a bug in accounting must not cost the other requests their lines
                 structlog.get_logger(__name__).exception("access_accounting_failed")
+        self._metrics.flush()
 
-    def _account(self, request: web.Request, exchange: Exchange, response: web.StreamResponse | None) -> None:
+    def _account(self, request: web.Request, exchange: Exchange, response: web.StreamResponse | None,
+                 timestamp: str) -> None:
         status = exchange.status
         bytes_out = exchange.bytes_out
         if response is not None:
@@ -242,4 +246,5 @@ class AccessLog:
                 fields["request_body"] = redact_body(exchange.body_head[:self._log_body_bytes], self._secrets)
             if exchange.response_head is not None and not exchange.is_stream:
                 fields["response_body"] = redact_body(exchange.response_head, self._secrets)
-        self._line.write("warning" if exchange.outcome in (UPSTREAM_ERROR, INTERNAL_ERROR) else "info", fields)
+        self._line.write("warning" if exchange.outcome in (UPSTREAM_ERROR, INTERNAL_ERROR) else "info", fields,
+                         timestamp)

@@ -1,5 +1,9 @@
 """Prometheus metrics: their definitions on an injected registry, one observation per request.
 
+Observations of the per-request series are tallied in plain ints and exported by flush(), which the
+access log calls once per event-loop pass and /metrics before it answers: prometheus_client takes
+a lock per inc, and a histogram walks its buckets in Python per observation.
+
 Names and labels of the request series match the reference gateway's dashboards. Labels are
 bounded sets (normalised endpoint, allow-listed rpc_method, HTTP method, status), never a path or id.
 Several worker processes share one view through prometheus_client's multiprocess mode.
@@ -9,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+from bisect import bisect_left
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +37,7 @@ from gateway.exchange import Exchange
 
 # The reference system's buckets: 1, 2, 4, ... 2^19 ms (about 8.7 minutes).
 DURATION_BUCKETS_MS: Final = tuple(float(2**power) for power in range(20))
+_BUCKET_COUNT: Final = len(DURATION_BUCKETS_MS) + 1  # and +Inf
 
 # Endpoint label by the last path segment, so the set stays bounded whatever paths callers send.
 _ENDPOINTS: Final = {"mcp": "/mcp", "sse": "/sse", "message": "/message", "messages": "/message",
@@ -62,6 +68,42 @@ def endpoint(path: str) -> str:
     return _ENDPOINTS.get(path.rstrip("/").rpartition("/")[2], "/other")
 
 
+class _Buckets:
+    """Observations of one histogram series, bucketed as prometheus_client would, not yet exported."""
+
+    __slots__ = ("count", "counts", "total")
+
+    def __init__(self) -> None:
+        self.counts = [0] * _BUCKET_COUNT
+        self.total = 0.0
+        self.count = 0
+
+    def add(self, value: float) -> None:
+        self.counts[bisect_left(DURATION_BUCKETS_MS, value)] += 1  # index len(...) is +Inf
+        self.total += value
+        self.count += 1
+
+    def move_into(self, histogram: Histogram) -> None:
+        # prometheus_client has no call to observe many values at once: its histogram keeps one
+        # value per bucket (non-cumulative) and a sum, both with inc(); a test pins the equivalence.
+        buckets = histogram._buckets
+        for index, count in enumerate(self.counts):
+            if count:
+                buckets[index].inc(count)
+        histogram._sum.inc(self.total)
+
+
+@dataclass(slots=True)
+class _Tally:
+    """What the hot series observed since the last flush: plain ints and lists, no lock taken."""
+
+    requests: dict[tuple[str, str, str, int], int] = field(default_factory=dict)
+    durations: dict[tuple[str, str, str, int], _Buckets] = field(default_factory=dict)
+    upstream_ms: _Buckets = field(default_factory=_Buckets)
+    upstream_bytes: int = 0
+    downstream_bytes: int = 0
+
+
 @dataclass(slots=True)
 class Metrics:
     """Every series the gateway exports, built on the registry the caller passes in."""
@@ -85,6 +127,7 @@ class Metrics:
     _error_children: dict[str, Counter] = field(default_factory=dict)
     _sandbox_children: dict[tuple[str, str], Counter] = field(default_factory=dict)
     _sandboxes: set[str] = field(default_factory=set)
+    _tally: _Tally = field(default_factory=lambda: _Tally())
 
     @classmethod
     def build(cls, registry: CollectorRegistry, multiproc_dir: str = "") -> Metrics:
@@ -126,24 +169,22 @@ class Metrics:
                 exchange: Exchange, bytes_in: int, refused_reason: str = "", sandbox: str = "") -> None:
         """One finished request: its counter, its duration unless a stream, bytes and failures.
 
-        Relayed bytes count bodies that crossed the gateway, not the gateway's own answers.
+        Relayed bytes count bodies that crossed the gateway, not the gateway's own answers. The request,
+        duration, bytes and upstream time series are exported at the next flush(); failures at once.
         """
         key = (method if method in _HTTP_METHODS else "OTHER", endpoint(path), rpc_method, status)
-        counted = self._counted.get(key)
-        if counted is None:
-            counted = self._counted[key] = self.requests.labels(*key[:3], str(status))
-        counted.inc()
+        tally = self._tally
+        tally.requests[key] = tally.requests.get(key, 0) + 1
         if not exchange.is_stream:  # a stream's series is never created, as in the reference gateway
-            timed = self._timed.get(key)
-            if timed is None:
-                timed = self._timed[key] = self.duration_ms.labels(*key[:3], str(status))
-            timed.observe(elapsed_ms)
-        if bytes_in and exchange.target and self._upstream_bytes is not None:
-            self._upstream_bytes.inc(bytes_in)
-        if exchange.bytes_out and self._downstream_bytes is not None:
-            self._downstream_bytes.inc(exchange.bytes_out)
+            durations = tally.durations.get(key)
+            if durations is None:
+                durations = tally.durations[key] = _Buckets()
+            durations.add(elapsed_ms)
+        if bytes_in and exchange.target:
+            tally.upstream_bytes += bytes_in
+        tally.downstream_bytes += exchange.bytes_out
         if exchange.upstream_ms is not None:
-            self.upstream_response_ms.observe(exchange.upstream_ms)
+            tally.upstream_ms.add(exchange.upstream_ms)
         if exchange.upstream_error:
             self._error_children[exchange.upstream_error].inc()
             if exchange.upstream_error != "policy":
@@ -154,6 +195,26 @@ class Metrics:
                 refused = self._refused_children[refused_reason, status] = self.refused.labels(
                     refused_reason, str(status))
             refused.inc()
+
+    def flush(self) -> None:
+        """Move the tallied observations into the exported series (one inc per series and bucket)."""
+        tally, self._tally = self._tally, _Tally()
+        for key, count in tally.requests.items():
+            counted = self._counted.get(key)
+            if counted is None:
+                counted = self._counted[key] = self.requests.labels(*key[:3], str(key[3]))
+            counted.inc(count)
+        for key, durations in tally.durations.items():
+            timed = self._timed.get(key)
+            if timed is None:
+                timed = self._timed[key] = self.duration_ms.labels(*key[:3], str(key[3]))
+            durations.move_into(timed)
+        if tally.upstream_bytes and self._upstream_bytes is not None:
+            self._upstream_bytes.inc(tally.upstream_bytes)
+        if tally.downstream_bytes and self._downstream_bytes is not None:
+            self._downstream_bytes.inc(tally.downstream_bytes)
+        if tally.upstream_ms.count:
+            tally.upstream_ms.move_into(self.upstream_response_ms)
 
     def _sandbox_failed(self, sandbox: str, kind: str) -> None:
         if sandbox not in self._sandboxes:
@@ -178,6 +239,7 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The Prometheus text for /metrics: this process's registry, or every worker's files."""
+        self.flush()
         if not self.multiproc_dir:
             return generate_latest(self.registry)
         scrape = CollectorRegistry()

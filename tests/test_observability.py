@@ -13,6 +13,8 @@ from typing import Any
 import pytest
 import structlog
 from aiohttp import web
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from pytest_aiohttp import AiohttpClient, AiohttpServer
@@ -495,3 +497,38 @@ def test_failing_sandboxes_beyond_the_bound_share_one_series() -> None:
     errors = samples(generate_latest(metrics.registry).decode(), "aenv_gateway_sandbox_errors_total")
     assert len(errors) == MAX_SANDBOX_LABELS + 1
     assert errors[(("kind", "timeout"), ("sandbox", "other"))] == 50.0
+
+
+@given(st.lists(st.floats(min_value=0, max_value=2.0**21, allow_nan=False), max_size=50))
+def test_tallied_durations_export_as_prometheus_would_observe_them(durations: list[float]) -> None:
+    """flush() writes a batch into prometheus_client's histogram internals; they must match observe()."""
+    metrics = Metrics.build(CollectorRegistry())
+    reference = Metrics.build(CollectorRegistry())
+    for elapsed_ms in durations:
+        exchange = Exchange("r", 0)
+        exchange.target, exchange.upstream_ms, exchange.bytes_out = "10.0.0.1:8081", elapsed_ms / 2, 7
+        metrics.observe("POST", "/mcp", 200, "tools/call", elapsed_ms, exchange, 11)
+        reference.requests.labels("POST", "/mcp", "tools/call", "200").inc()
+        reference.duration_ms.labels("POST", "/mcp", "tools/call", "200").observe(elapsed_ms)
+        reference.upstream_response_ms.observe(elapsed_ms / 2)
+        reference.relayed_bytes.labels("upstream").inc(11)
+        reference.relayed_bytes.labels("downstream").inc(7)
+    metrics.flush()
+
+    def exported(registry: CollectorRegistry) -> dict[str, dict[Labels, float]]:
+        text = generate_latest(registry).decode()
+        return {family.name: {(*tuple(sorted(s.labels.items())), (s.name, "")): s.value
+                              for s in family.samples if not s.name.endswith("_created")}
+                for family in text_string_to_metric_families(text)
+                if family.name.startswith(("aenv_api", "aenv_gateway_upstream_response", "aenv_gateway_relayed"))}
+
+    assert exported(metrics.registry) == exported(reference.registry)
+
+
+async def test_metrics_scrape_sees_requests_finished_in_the_same_loop_pass() -> None:
+    """Observations wait for flush(); an exposition flushes first, so nothing observed is missing."""
+    metrics = Metrics.build(CollectorRegistry())
+    exchange = Exchange("r", 0)
+    metrics.observe("GET", "/mcp", 200, "", 3.0, exchange, 0)
+    text = metrics.exposition().decode()
+    assert samples(text, "aenv_api_mcp_requests_total") == {request_labels("GET", "/mcp", "", 200): 1.0}
