@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -34,6 +35,9 @@ class ProxyUrlEngine:
         return Target(url=join_path(parse_proxy_url(value), raw_path_qs))
 
 
+# Callers name the same few targets again and again: each header value is parsed and checked once
+# (a refused one raises every time: exceptions are not cached).
+@functools.lru_cache(maxsize=4096)
 def parse_proxy_url(value: str) -> URL:
     """The header's URL, checked: http(s), a host, a valid port, no credentials."""
     try:
@@ -60,8 +64,14 @@ def join_path(base: URL, raw_path_qs: str) -> URL:
     if not raw_path_qs.startswith("/"):  # absolute-form request target (RFC 9112 §3.2.2)
         raw_path_qs = URL(raw_path_qs).raw_path_qs if "://" in raw_path_qs else "/"
     path, sep, query = raw_path_qs.partition("?")
-    prefix = base.raw_path.rstrip("/")
-    if base.raw_query_string:
-        query = f"{base.raw_query_string}&{query}" if sep else base.raw_query_string
+    prefix, base_query = _origin_and_prefix(base)
+    if base_query:
+        query = f"{base_query}&{query}" if sep else base_query
         sep = "?"
-    return URL(f"{base.origin()}{prefix}{path}{sep}{query}", encoded=True)
+    return URL(f"{prefix}{path}{sep}{query}", encoded=True)
+
+
+@functools.lru_cache(maxsize=4096)
+def _origin_and_prefix(base: URL) -> tuple[str, str]:
+    """scheme://host:port and the path prefix without its trailing slash; the base's raw query."""
+    return f"{base.origin()}{base.raw_path.rstrip('/')}", base.raw_query_string
