@@ -16,7 +16,7 @@ from gateway import sse
 from gateway.config import Settings
 from gateway.deadlines import Deadlines, IdleTimeout
 from gateway.engines import Engine
-from gateway.errors import authority, upstream_errors
+from gateway.errors import UpstreamErrors, authority
 from gateway.exchange import Exchange
 from gateway.headers import (
     CONTENT_TYPE,
@@ -55,7 +55,7 @@ async def handle(request: web.Request, exchange: Exchange) -> web.StreamResponse
     upstream_headers[REQUEST_ID] = exchange.request_id
     upstream_headers.add(VIA, app[VIA_MARK])  # the loop guard's mark (via.py)
     forwarded_at = time.perf_counter()
-    with upstream_errors(target.url):
+    with UpstreamErrors(target.url):
         async with app[DEADLINES].within(settings.idle_timeout_s):
             upstream_response = await app[UPSTREAM].request(
                 request.method, target.url, upstream_headers, await _request_body(request, exchange)

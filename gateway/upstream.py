@@ -2,7 +2,7 @@
 
 The proxy never touches a client library directly; a transport sends one request and hands back
 the status, headers and a body to pull chunk by chunk. Failures are raised as builtin OSError,
-TimeoutError or BadUpstreamResponse, which errors.upstream_errors maps to gateway errors.
+TimeoutError or BadUpstreamResponse, which errors.UpstreamErrors maps to gateway errors.
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ class AiohttpClient:
             raise BadUpstreamResponse(exc.message) from exc
         except aiohttp.ClientOSError as exc:
             raise ConnectionResetError(str(exc)) from exc
-        except TimeoutError:  # aiohttp's ConnectionTimeoutError is one; upstream_errors makes it a 504
+        except TimeoutError:  # aiohttp's ConnectionTimeoutError is one; UpstreamErrors makes it a 504
             raise
         except aiohttp.ClientConnectionError as exc:
             if isinstance(exc.__cause__, GatewayError):  # our body iterator refused to go on
