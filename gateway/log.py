@@ -114,26 +114,34 @@ class AccessLine:
         self._second_text = ""
 
     def write(self, level: str, fields: dict[str, Any], timestamp: str | None = None) -> None:
+        """One line, written at the end of this event-loop pass."""
+        if self.add(level, fields, timestamp) and len(self._pending) == 1:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no loop (a synchronous caller): write at once
+                self.flush()
+
+    def add(self, level: str, fields: dict[str, Any], timestamp: str | None = None) -> bool:
+        """One line; True if it waits for flush() (the JSON short cut), False if it is written already."""
         if self._raw is None:
             getattr(self._log, level)("request", **fields)
-            return
+            return False
         if not (self._warning if level == "warning" else self._info):
-            return
+            return False
         members = [f'"{name}":{json_string(value) if value.__class__ is str else _json_value(value)}'
                    for name, value in fields.items()]
         line = (f'{{"timestamp":"{timestamp or self.timestamp()}","level":"{level}","event":"request",'
                 f'{",".join(members)}}}\n')
         if self._file is None:
             self._raw.msg(line[:-1])
-            return
+            return False
         self._pending.append(line)
-        if len(self._pending) == 1:
-            try:
-                asyncio.get_running_loop().call_soon(self._flush)
-            except RuntimeError:  # no loop (a synchronous caller): write at once
-                self._flush()
+        return True
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
+        """Write the waiting lines in one write."""
+        if not self._pending:
+            return
         lines, self._pending = self._pending, []
         assert self._file is not None
         self._file.write("".join(lines))
@@ -189,6 +197,7 @@ class AccessLog:
                 self._account(request, exchange, response, timestamp)
             except Exception:  # a bug in accounting must not cost the other requests their lines
                 structlog.get_logger(__name__).exception("access_accounting_failed")
+        self._line.flush()
         self._metrics.flush()
 
     def _account(self, request: web.Request, exchange: Exchange, response: web.StreamResponse | None,
@@ -246,5 +255,5 @@ class AccessLog:
                 fields["request_body"] = redact_body(exchange.body_head[:self._log_body_bytes], self._secrets)
             if exchange.response_head is not None and not exchange.is_stream:
                 fields["response_body"] = redact_body(exchange.response_head, self._secrets)
-        self._line.write("warning" if exchange.outcome in (UPSTREAM_ERROR, INTERNAL_ERROR) else "info", fields,
-                         timestamp)
+        self._line.add("warning" if exchange.outcome in (UPSTREAM_ERROR, INTERNAL_ERROR) else "info", fields,
+                       timestamp)
