@@ -20,7 +20,7 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
-Authenticate = Callable[[web.Request], web.Request]
+Authenticate = Callable[[web.BaseRequest], web.BaseRequest]
 
 
 def bearer_auth(tokens: Sequence[str], routing_headers: Sequence[str], forward: bool) -> Authenticate:
@@ -38,7 +38,7 @@ def bearer_auth(tokens: Sequence[str], routing_headers: Sequence[str], forward: 
             matched |= hmac.compare_digest(presented, digest)
         return scheme.lower() == "bearer" and matched
 
-    def authenticate(request: web.Request) -> web.Request:
+    def authenticate(request: web.BaseRequest) -> web.BaseRequest:
         if (request.method == "GET" and request.path == "/health"
                 and not any(name in request.headers for name in routing_headers)):
             return request

@@ -14,7 +14,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway.admin import Readiness
-from gateway.app import GATEWAY_SERVER_OPTIONS, build_admin_app, build_gateway_app
+from gateway.app import GATEWAY_SERVER_OPTIONS, DataPlaneRunner, build_admin_app, build_gateway_app
 from gateway.config import Settings, load_settings
 from gateway.engines import Engine, build_engine
 from gateway.errors import ConfigError
@@ -38,8 +38,8 @@ async def serve(settings: Settings, engine: Engine, reuse_port: bool = False) ->
     metrics = Metrics.build(CollectorRegistry(), settings.metrics_multiproc_dir)
     gateway_app = build_gateway_app(settings, engine, metrics)
     # shutdown_timeout is what is left after our own drain: requests still running then are cancelled.
-    gateway_runner = web.AppRunner(gateway_app, **GATEWAY_SERVER_OPTIONS, shutdown_timeout=CLOSE_GRACE_S,
-                                   **server_limits(settings))
+    gateway_runner = DataPlaneRunner(gateway_app, **GATEWAY_SERVER_OPTIONS, shutdown_timeout=CLOSE_GRACE_S,
+                                     **server_limits(settings))
     admin_runner = web.AppRunner(build_admin_app(readiness, metrics), access_log=None,
                                  shutdown_timeout=CLOSE_GRACE_S)
     await gateway_runner.setup()

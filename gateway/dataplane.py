@@ -13,24 +13,28 @@ coroutine and a partial each per request (docs/performance.md). The order is the
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from aiohttp.typedefs import Handler
 
-from gateway import proxy
 from gateway.auth import Authenticate
 from gateway.errors import GatewayError, error_response
 from gateway.exchange import CLIENT_CLOSED, INTERNAL_ERROR
 from gateway.headers import REQUEST_ID
-from gateway.limits import Limits
 from gateway.log import AccessLog
+from gateway.proxy import Proxy
 from gateway.via import refuse_loops
+
+DataPlaneHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 
 def data_plane_handler(
-    access_log: AccessLog, limits: Limits, via_mark: str, authenticate: Authenticate | None = None
-) -> Handler:
-    async def serve(request: web.Request) -> web.StreamResponse:
+    proxy: Proxy, access_log: AccessLog, authenticate: Authenticate | None = None
+) -> DataPlaneHandler:
+    """The handler; it reads nothing from request.app, so it serves under any aiohttp server."""
+    limits, via_mark = proxy.limits, proxy.via_mark
+
+    async def serve(request: web.BaseRequest) -> web.StreamResponse:
         exchange = access_log.exchange(request)
         response: web.StreamResponse | None = None
         try:

@@ -66,7 +66,7 @@ class Limits:
         self.streams: set[OpenStream] = set()
         self._idle: asyncio.Event | None = None  # set by the last request to finish while draining
 
-    def admit(self, request: web.Request, target: Target) -> None:
+    def admit(self, request: web.BaseRequest, target: Target) -> None:
         """Count the request against its target; 429 when the target is at --max-inflight-per-target."""
         if not self.max_per_target:
             return
@@ -77,7 +77,7 @@ class Limits:
         self.per_target[key] = count + 1
         request[_TARGET_KEY] = key
 
-    def admit_stream(self, request: web.Request) -> OpenStream:
+    def admit_stream(self, request: web.BaseRequest) -> OpenStream:
         """Register an SSE stream before its status line is sent; 503 when --max-streams are open."""
         if self.max_streams and len(self.streams) >= self.max_streams:
             raise TooManyStreams(f"the gateway already relays {len(self.streams)} streams (--max-streams)")
@@ -86,7 +86,7 @@ class Limits:
         request[_STREAM] = stream
         return stream
 
-    def check(self, request: web.Request) -> None:
+    def check(self, request: web.BaseRequest) -> None:
         """413 and 431 before anything is forwarded."""
         length = request.content_length
         if length is not None and length > self.max_body_size:
@@ -102,7 +102,7 @@ class Limits:
         """A request is in flight until release(): the drain waits for it."""
         self.inflight += 1
 
-    def release(self, request: web.Request) -> None:
+    def release(self, request: web.BaseRequest) -> None:
         """Give back whatever the request took: its place in flight, its target's count, its stream."""
         self.inflight -= 1
         if not self.inflight and self._idle is not None:

@@ -175,14 +175,14 @@ class AccessLog:
         self._engine = engine
         self._log_body_bytes = settings.log_bodies
         self._secrets = secret_values(settings)
-        self._finished: list[tuple[web.Request, Exchange, web.StreamResponse | None]] = []
+        self._finished: list[tuple[web.BaseRequest, Exchange, web.StreamResponse | None]] = []
 
-    def exchange(self, request: web.Request) -> Exchange:
+    def exchange(self, request: web.BaseRequest) -> Exchange:
         """The record of a request that has just arrived; its id is the caller's X-Request-ID or a new one."""
         request_id = request.headers.get(REQUEST_ID) or new_request_id()
         return Exchange(request_id[:_MAX_FIELD_CHARS], self._log_body_bytes)
 
-    def finished(self, request: web.Request, exchange: Exchange, response: web.StreamResponse | None) -> None:
+    def finished(self, request: web.BaseRequest, exchange: Exchange, response: web.StreamResponse | None) -> None:
         """The handler returned or raised: the request is accounted at the end of this loop pass."""
         exchange.finished()
         self._finished.append((request, exchange, response))
@@ -200,7 +200,7 @@ class AccessLog:
         self._line.flush()
         self._metrics.flush()
 
-    def _account(self, request: web.Request, exchange: Exchange, response: web.StreamResponse | None,
+    def _account(self, request: web.BaseRequest, exchange: Exchange, response: web.StreamResponse | None,
                  timestamp: str) -> None:
         status = exchange.status
         bytes_out = exchange.bytes_out

@@ -1,4 +1,4 @@
-"""The data-plane handler: resolve the target, make one upstream call, stream both bodies.
+"""The proxied call: resolve the target, make one upstream call, stream both bodies.
 
 Chooses no targets (engines do), edits no header lists inline (headers does) and speaks to the
 upstream only through the UpstreamClient interface (upstream does).
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterable, AsyncIterator
+from dataclasses import dataclass
 from typing import Final
 
 from aiohttp import web
@@ -25,15 +26,10 @@ from gateway.headers import (
     is_event_stream,
     upstream_request_headers,
 )
-from gateway.limits import LIMITS
-from gateway.metrics import METRICS
+from gateway.limits import Limits
+from gateway.metrics import Metrics
 from gateway.upstream import Body, UpstreamClient, UpstreamResponse
-from gateway.via import VIA, VIA_MARK
-
-ENGINE: Final = web.AppKey("engine", Engine)
-SETTINGS: Final = web.AppKey("settings", Settings)
-UPSTREAM: Final = web.AppKey("upstream", UpstreamClient)
-DEADLINES: Final = web.AppKey("deadlines", Deadlines)
+from gateway.via import VIA
 
 # Bodies up to this size are read whole and sent in one write; larger ones stream.
 SMALL_BODY_BYTES: Final = 64 * 1024
@@ -41,86 +37,96 @@ SMALL_BODY_BYTES: Final = 64 * 1024
 _NO_BODY: Final = frozenset({204, 304})
 
 
-async def handle(request: web.Request, exchange: Exchange) -> web.StreamResponse:
-    app = request.app
-    engine = app[ENGINE]
-    if request.path == "/health" and request.method == "GET" and not _is_routed(request, engine):
-        return web.json_response({"status": "ok", "engine": engine.name})
+@dataclass(slots=True)
+class Proxy:
+    """What a proxied call needs, held once: no per-request lookups in the app's state."""
 
-    target = engine.resolve(request.headers, request.raw_path)
-    exchange.target = authority(target.url)
-    app[LIMITS].admit(request, target)  # 429 over --max-inflight-per-target
-    settings = app[SETTINGS]
-    upstream_headers = upstream_request_headers(request.headers, target.added_headers)
-    upstream_headers[REQUEST_ID] = exchange.request_id
-    upstream_headers.add(VIA, app[VIA_MARK])  # the loop guard's mark (via.py)
-    forwarded_at = time.perf_counter()
-    with UpstreamErrors(target.url):
-        async with app[DEADLINES].within(settings.idle_timeout_s):
-            upstream_response = await app[UPSTREAM].request(
-                request.method, target.url, upstream_headers, await _request_body(request, exchange)
-            )
-    exchange.upstream_ms = (time.perf_counter() - forwarded_at) * 1000
-    try:  # a downstream gone mid-response raises ConnectionResetError: the access line records it
-        return await _relay_response(request, exchange, upstream_response, settings)
-    finally:
-        upstream_response.release()
+    settings: Settings
+    engine: Engine
+    limits: Limits
+    metrics: Metrics
+    deadlines: Deadlines
+    via_mark: str
+    upstream: UpstreamClient | None = None  # made when the app starts (it needs the running loop)
+
+    async def handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
+        engine = self.engine
+        if request.path == "/health" and request.method == "GET" and not _is_routed(request, engine):
+            return web.json_response({"status": "ok", "engine": engine.name})
+
+        target = engine.resolve(request.headers, request.raw_path)
+        exchange.target = authority(target.url)
+        self.limits.admit(request, target)  # 429 over --max-inflight-per-target
+        upstream_headers = upstream_request_headers(request.headers, target.added_headers)
+        upstream_headers[REQUEST_ID] = exchange.request_id
+        upstream_headers.add(VIA, self.via_mark)  # the loop guard's mark (via.py)
+        assert self.upstream is not None, "the app has not started"
+        forwarded_at = time.perf_counter()
+        with UpstreamErrors(target.url):
+            async with self.deadlines.within(self.settings.idle_timeout_s):
+                upstream_response = await self.upstream.request(
+                    request.method, target.url, upstream_headers, await self._request_body(request, exchange)
+                )
+        exchange.upstream_ms = (time.perf_counter() - forwarded_at) * 1000
+        try:  # a downstream gone mid-response raises ConnectionResetError: the access line records it
+            return await self._relay_response(request, exchange, upstream_response)
+        finally:
+            upstream_response.release()
+
+    async def _request_body(self, request: web.BaseRequest, exchange: Exchange) -> Body:
+        """Small bodies whole (one write upstream), large or unknown-length ones as a stream."""
+        if not request.body_exists:
+            return None
+        length = request.content_length
+        if length is not None and length <= SMALL_BODY_BYTES:
+            body = exchange.body_head = await request.read()
+            return body
+        return _stream(self.limits.limited(request.content.iter_any()), exchange)  # 413 past --max-body-size
+
+    async def _relay_response(
+        self, request: web.BaseRequest, exchange: Exchange, upstream_response: UpstreamResponse
+    ) -> web.StreamResponse:
+        # The status line goes on the wire at prepare(): from here on a failure is logged and ends
+        # the response, and never becomes a JSON error.
+        event_stream = is_event_stream(upstream_response.headers.get(CONTENT_TYPE))
+        stream = self.limits.admit_stream(request) if event_stream else None  # 503 over --max-streams
+        downstream_headers = downstream_response_headers(upstream_response.headers)
+        downstream_headers[REQUEST_ID] = exchange.request_id
+        if not event_stream and request.method != "HEAD" and upstream_response.status not in _NO_BODY:
+            body = upstream_response.arrived_body()
+            if body is not None:  # a small reply, complete: aiohttp writes head and body in one go
+                exchange.status = upstream_response.status
+                exchange.bytes_out = len(body)
+                if exchange.log_body_bytes:
+                    exchange.keep_response_chunk(body)
+                return web.Response(body=body, status=upstream_response.status, reason=upstream_response.reason,
+                                    headers=downstream_headers)
+        downstream_response = (web.StreamResponse if event_stream else _CoalescedResponse)(
+            status=upstream_response.status, reason=upstream_response.reason, headers=downstream_headers
+        )
+        await downstream_response.prepare(request)
+        exchange.status = upstream_response.status
+        if stream is not None:
+            with self.metrics.open_stream(exchange):
+                await sse.relay(upstream_response, downstream_response, exchange, stream,
+                                self.settings.sse_keepalive_s)
+            return downstream_response
+        idle_timeout = self.deadlines.within(self.settings.idle_timeout_s)
+        if not await _pump_body(upstream_response, downstream_response, idle_timeout, exchange):
+            _abort(request)
+            return downstream_response
+        await downstream_response.write_eof()
+        return downstream_response
 
 
-def _is_routed(request: web.Request, engine: Engine) -> bool:
+def _is_routed(request: web.BaseRequest, engine: Engine) -> bool:
     return any(name in request.headers for name in engine.routing_headers)
-
-
-async def _request_body(request: web.Request, exchange: Exchange) -> Body:
-    """Small bodies whole (one write upstream), large or unknown-length ones as a stream."""
-    if not request.body_exists:
-        return None
-    length = request.content_length
-    if length is not None and length <= SMALL_BODY_BYTES:
-        body = exchange.body_head = await request.read()
-        return body
-    return _stream(request.app[LIMITS].limited(request.content.iter_any()), exchange)  # 413 past --max-body-size
 
 
 async def _stream(chunks: AsyncIterable[bytes], exchange: Exchange) -> AsyncIterator[bytes]:
     async for chunk in chunks:
         exchange.keep_body_chunk(chunk)
         yield chunk
-
-
-async def _relay_response(
-    request: web.Request, exchange: Exchange, upstream_response: UpstreamResponse, settings: Settings
-) -> web.StreamResponse:
-    # The status line goes on the wire at prepare(): from here on a failure is logged and ends
-    # the response, and never becomes a JSON error.
-    event_stream = is_event_stream(upstream_response.headers.get(CONTENT_TYPE))
-    stream = request.app[LIMITS].admit_stream(request) if event_stream else None  # 503 over --max-streams
-    downstream_headers = downstream_response_headers(upstream_response.headers)
-    downstream_headers[REQUEST_ID] = exchange.request_id
-    if not event_stream and request.method != "HEAD" and upstream_response.status not in _NO_BODY:
-        body = upstream_response.arrived_body()
-        if body is not None:  # a small reply, complete: aiohttp writes head and body in one go
-            exchange.status = upstream_response.status
-            exchange.bytes_out = len(body)
-            if exchange.log_body_bytes:
-                exchange.keep_response_chunk(body)
-            return web.Response(body=body, status=upstream_response.status, reason=upstream_response.reason,
-                                headers=downstream_headers)
-    downstream_response = (web.StreamResponse if event_stream else _CoalescedResponse)(
-        status=upstream_response.status, reason=upstream_response.reason, headers=downstream_headers
-    )
-    await downstream_response.prepare(request)
-    exchange.status = upstream_response.status
-    if stream is not None:
-        with request.app[METRICS].open_stream(exchange):
-            await sse.relay(upstream_response, downstream_response, exchange, stream, settings.sse_keepalive_s)
-        return downstream_response
-    idle_timeout = request.app[DEADLINES].within(settings.idle_timeout_s)
-    if not await _pump_body(upstream_response, downstream_response, idle_timeout, exchange):
-        _abort(request)
-        return downstream_response
-    await downstream_response.write_eof()
-    return downstream_response
 
 
 async def _pump_body(
@@ -161,7 +167,7 @@ class _CoalescedResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
-def _abort(request: web.Request) -> None:
+def _abort(request: web.BaseRequest) -> None:
     """Close the downstream connection mid-body, so the client cannot take a truncated reply as whole."""
     if request.transport is not None:
         request.transport.abort()

@@ -10,13 +10,11 @@ from __future__ import annotations
 import secrets
 from typing import Final
 
-from aiohttp import web
 from multidict import CIMultiDictProxy, istr
 
 from gateway.errors import LoopDetected
 
 VIA: Final = istr("Via")
-VIA_MARK: Final = web.AppKey("via_mark", str)
 
 
 def new_mark() -> str:

@@ -10,12 +10,12 @@ from typing import Any, Final
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import BaseTestServer, TestClient
 from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 from yarl import URL
 
-from gateway.app import GATEWAY_SERVER_OPTIONS, build_gateway_app
+from gateway.app import GATEWAY_SERVER_OPTIONS, DataPlaneRunner, build_gateway_app
 from gateway.config import Settings
 
 # Every test that runs a gateway over sockets runs once per upstream transport (issue #6).
@@ -50,9 +50,22 @@ def gateway_settings(**overrides: Any) -> Settings:
 SERVER_OPTIONS: Final = {k: v for k, v in GATEWAY_SERVER_OPTIONS.items() if k != "handler_cancellation"}
 
 
-async def serve_gateway(aiohttp_client: AiohttpClient, **overrides: Any) -> TestClient[web.Request, web.Application]:
+class DataPlaneTestServer(BaseTestServer):
+    """aiohttp's TestServer, serving the app with the CLI's runner (DataPlaneRunner) instead of AppRunner."""
+
+    def __init__(self, app: web.Application) -> None:
+        super().__init__()
+        self.app = app
+
+    async def _make_runner(self, **kwargs: Any) -> DataPlaneRunner:
+        return DataPlaneRunner(self.app, **kwargs)
+
+
+async def serve_gateway(
+    aiohttp_client: AiohttpClient, **overrides: Any
+) -> TestClient[web.BaseRequest, web.Application]:
     """The gateway app on 127.0.0.1, served as the CLI serves it, and a client that never decompresses."""
-    server = TestServer(build_gateway_app(gateway_settings(**overrides)))
+    server = DataPlaneTestServer(build_gateway_app(gateway_settings(**overrides)))
     await server.start_server(**SERVER_OPTIONS)
     return await aiohttp_client(server, auto_decompress=False)
 
