@@ -198,7 +198,7 @@ class AccessLog:
             except Exception:  # a bug in accounting must not cost the other requests their lines
                 structlog.get_logger(__name__).exception("access_accounting_failed")
         self._line.flush()
-        self._metrics.flush()
+        self._metrics.batch_done()
 
     def _account(self, request: web.BaseRequest, exchange: Exchange, response: web.StreamResponse | None,
                  timestamp: str) -> None:

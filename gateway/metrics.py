@@ -1,8 +1,9 @@
 """Prometheus metrics: their definitions on an injected registry, one observation per request.
 
-Observations of the per-request series are tallied in plain ints and exported by flush(), which the
-access log calls once per event-loop pass and /metrics before it answers: prometheus_client takes
-a lock per inc, and a histogram walks its buckets in Python per observation.
+Observations of the per-request series are tallied in plain ints and exported by flush(): by
+/metrics before it answers, and with several workers once per event-loop pass (batch_done), since
+another process may answer the scrape. prometheus_client takes a lock per inc, and a histogram
+walks its buckets in Python per observation.
 
 Names and labels of the request series match the reference gateway's dashboards. Labels are
 bounded sets (normalised endpoint, allow-listed rpc_method, HTTP method, status), never a path or id.
@@ -195,6 +196,12 @@ class Metrics:
                 refused = self._refused_children[refused_reason, status] = self.refused.labels(
                     refused_reason, str(status))
             refused.inc()
+
+    def batch_done(self) -> None:
+        """The access log observed a loop pass's requests. With several workers another process may
+        answer the next scrape, so the tally goes to the shared files now; alone, the scrape flushes."""
+        if self.multiproc_dir:
+            self.flush()
 
     def flush(self) -> None:
         """Move the tallied observations into the exported series (one inc per series and bucket)."""
