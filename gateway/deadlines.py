@@ -31,10 +31,14 @@ class Deadlines:
         yield
         tick.cancel()
 
-    def _now(self) -> float:
+    def loop(self) -> asyncio.AbstractEventLoop:
+        # Cached: asyncio.get_running_loop() makes a getpid() system call each time (fork check).
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        return self._loop.time()
+        return self._loop
+
+    def _now(self) -> float:
+        return self.loop().time()
 
     async def _tick(self) -> None:
         while True:
@@ -58,7 +62,7 @@ class IdleTimeout:
         self._task: asyncio.Task[object] | None = None
 
     async def __aenter__(self) -> IdleTimeout:
-        self._task = asyncio.current_task()
+        self._task = asyncio.current_task(self._deadlines.loop())  # with the loop: no getpid()
         if self._task is None:
             raise RuntimeError("IdleTimeout should be used inside a task")
         self._cancelling = self._task.cancelling()

@@ -187,7 +187,8 @@ class AccessLog:
         exchange.finished()
         self._finished.append((request, exchange, response))
         if len(self._finished) == 1:
-            asyncio.get_running_loop().call_soon(self._account_finished)
+            # The request's task knows its loop; asyncio.get_running_loop() would cost a getpid() call.
+            request.task.get_loop().call_soon(self._account_finished)
 
     def _account_finished(self) -> None:
         batch, self._finished = self._finished, []
