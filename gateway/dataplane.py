@@ -46,7 +46,7 @@ def data_plane_handler(
                     refuse_loops(forwarded.headers, via_mark)
                     response = await proxy.handle(forwarded, exchange)
                 finally:
-                    limits.release(forwarded)
+                    limits.release(exchange)
             except GatewayError as error:
                 exchange.error = error
                 response = error_response(error)

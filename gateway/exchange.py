@@ -8,10 +8,13 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from gateway.errors import GatewayError
 from gateway.jsonrpc import PEEK_BYTES
+
+if TYPE_CHECKING:
+    from gateway.limits import OpenStream
 
 # Outcomes, the `outcome` field of the access log line.
 OK: Final = "ok"
@@ -36,6 +39,7 @@ class Exchange:
     __slots__ = (
         "body_head",
         "bytes_out",
+        "counted_as",
         "elapsed_ms",
         "error",
         "is_stream",
@@ -45,6 +49,7 @@ class Exchange:
         "response_head",
         "started",
         "status",
+        "stream",
         "target",
         "upstream_error",
         "upstream_ms",
@@ -65,6 +70,8 @@ class Exchange:
         self.is_stream = False
         self.status = 0  # set when the response starts
         self.bytes_out = 0  # relayed response body bytes
+        self.counted_as: str | None = None  # the --max-inflight-per-target key it holds (limits.py)
+        self.stream: OpenStream | None = None  # the SSE stream it relays (limits.py)
 
     def keep_body_chunk(self, chunk: bytes) -> None:
         """Keep the first bytes of a streamed request body, for the rpc_method label only."""

@@ -15,12 +15,12 @@ from aiohttp import web
 
 from gateway.engines import Target
 from gateway.errors import BodyTooLarge, HeadersTooLarge, TargetBusy, TooManyStreams, authority
+from gateway.exchange import Exchange
 from gateway.headers import SANDBOX_ID
 
 if TYPE_CHECKING:
     from gateway.config import Settings
 
-_TARGET_KEY: Final = web.RequestKey("limits_target", str)
 _SANDBOX_ID: Final = SANDBOX_ID.lower()
 
 
@@ -52,7 +52,6 @@ class OpenStream:
             self.timer.reschedule(asyncio.get_running_loop().time())
 
 
-_STREAM: Final = web.RequestKey("limits_stream", OpenStream)
 
 
 class Limits:
@@ -66,7 +65,7 @@ class Limits:
         self.streams: set[OpenStream] = set()
         self._idle: asyncio.Event | None = None  # set by the last request to finish while draining
 
-    def admit(self, request: web.BaseRequest, target: Target) -> None:
+    def admit(self, exchange: Exchange, target: Target) -> None:
         """Count the request against its target; 429 when the target is at --max-inflight-per-target."""
         if not self.max_per_target:
             return
@@ -75,15 +74,15 @@ class Limits:
         if count >= self.max_per_target:
             raise TargetBusy(f"target {key} already has {count} requests in flight (--max-inflight-per-target)")
         self.per_target[key] = count + 1
-        request[_TARGET_KEY] = key
+        exchange.counted_as = key
 
-    def admit_stream(self, request: web.BaseRequest) -> OpenStream:
+    def admit_stream(self, exchange: Exchange) -> OpenStream:
         """Register an SSE stream before its status line is sent; 503 when --max-streams are open."""
         if self.max_streams and len(self.streams) >= self.max_streams:
             raise TooManyStreams(f"the gateway already relays {len(self.streams)} streams (--max-streams)")
         stream = OpenStream()
         self.streams.add(stream)
-        request[_STREAM] = stream
+        exchange.stream = stream
         return stream
 
     def check(self, request: web.BaseRequest) -> None:
@@ -102,19 +101,19 @@ class Limits:
         """A request is in flight until release(): the drain waits for it."""
         self.inflight += 1
 
-    def release(self, request: web.BaseRequest) -> None:
+    def release(self, exchange: Exchange) -> None:
         """Give back whatever the request took: its place in flight, its target's count, its stream."""
         self.inflight -= 1
         if not self.inflight and self._idle is not None:
             self._idle.set()
-        key = request.get(_TARGET_KEY)
+        key = exchange.counted_as
         if key is not None:
             left = self.per_target[key] - 1
             if left:
                 self.per_target[key] = left
             else:
                 del self.per_target[key]
-        stream = request.get(_STREAM)
+        stream = exchange.stream
         if stream is not None:
             self.streams.discard(stream)
 

@@ -56,7 +56,7 @@ class Proxy:
 
         target = engine.resolve(request.headers, request.raw_path)
         exchange.target = authority(target.url)
-        self.limits.admit(request, target)  # 429 over --max-inflight-per-target
+        self.limits.admit(exchange, target)  # 429 over --max-inflight-per-target
         upstream_headers = upstream_request_headers(request.headers, target.added_headers)
         upstream_headers[REQUEST_ID] = exchange.request_id
         upstream_headers.add(VIA, self.via_mark)  # the loop guard's mark (via.py)
@@ -89,7 +89,7 @@ class Proxy:
         # The status line goes on the wire at prepare(): from here on a failure is logged and ends
         # the response, and never becomes a JSON error.
         event_stream = is_event_stream(upstream_response.headers.get(CONTENT_TYPE))
-        stream = self.limits.admit_stream(request) if event_stream else None  # 503 over --max-streams
+        stream = self.limits.admit_stream(exchange) if event_stream else None  # 503 over --max-streams
         downstream_headers = downstream_response_headers(upstream_response.headers)
         downstream_headers[REQUEST_ID] = exchange.request_id
         if not event_stream and request.method != "HEAD" and upstream_response.status not in _NO_BODY:
