@@ -79,7 +79,9 @@ class Proxy:
             return None
         length = request.content_length
         if length is not None and length <= SMALL_BODY_BYTES:
-            body = exchange.body_head = await request.read()
+            content = request.content
+            # A small body usually arrived with the head: take it as is, without read()'s loop and copies.
+            body = exchange.body_head = content.read_nowait() if content.is_eof() else await request.read()
             return body
         return _stream(self.limits.limited(request.content.iter_any()), exchange)  # 413 past --max-body-size
 
