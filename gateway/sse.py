@@ -35,20 +35,31 @@ async def relay(
 ) -> None:
     """Pump upstream bytes into an already prepared downstream response until either side ends."""
     stream = stream or OpenStream()
+    task = asyncio.current_task()
+    assert task is not None
     tail = b"\n\n"  # the last bytes written, to know whether we are between events (at the start: yes)
     while not stream.closing:
         try:
-            async with asyncio.timeout(keepalive_s or None) as stream.timer:
+            if keepalive_s:
+                async with asyncio.timeout(keepalive_s) as stream.timer:
+                    chunk = await upstream_response.read_chunk()
+            else:  # no timer per read (each would cost a timer handle and a getpid()): the drain cancels
+                stream.reader = task
                 chunk = await upstream_response.read_chunk()
         except TimeoutError:
             if not stream.closing and tail.endswith(_EVENT_ENDS):
                 await downstream_response.write(KEEPALIVE)
             continue
+        except asyncio.CancelledError:
+            if stream.interrupted(task):
+                break  # the drain's: end the stream cleanly below
+            raise
         except OSError:
             exchange.upstream_failed("reset_mid_stream")  # the access log line records it
             break
         finally:
             stream.timer = None
+            stream.reader = None
         if not chunk:
             break
         exchange.bytes_out += len(chunk)
