@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 import socket
 
 from aiohttp import ClientSession, web
 from pytest_aiohttp import AiohttpServer
 
+from gateway.cli import GC_THRESHOLDS, settle_garbage_collector
 from gateway.headers import MCP_PROXY_URL
 from tests.process import free_port, gateway_process, run_gateway_command
 from tests.test_sse import event, silent_upstream
@@ -89,3 +91,15 @@ async def test_program_closes_the_upstream_when_an_sse_client_leaves(aiohttp_ser
 
             async with asyncio.timeout(3):
                 await upstream_gone.wait()
+
+
+def test_the_garbage_collector_is_settled_once_the_program_is_built() -> None:
+    """Startup objects frozen out of every collection, young ones collected less often (docs/performance.md)."""
+    thresholds = gc.get_threshold()
+    try:
+        settle_garbage_collector()
+        assert gc.get_threshold() == GC_THRESHOLDS
+        assert gc.get_freeze_count() > 10_000  # the modules and everything built at startup
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)
