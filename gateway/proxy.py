@@ -63,7 +63,7 @@ class Proxy:
         assert self.upstream is not None, "the app has not started"
         forwarded_at = time.perf_counter()
         with UpstreamErrors(target.url):
-            async with self.deadlines.within(self.settings.idle_timeout_s):
+            with self.deadlines.within(self.settings.idle_timeout_s):
                 upstream_response = await self.upstream.request(
                     request.method, target.url, upstream_headers, await self._request_body(request, exchange)
                 )
@@ -141,7 +141,7 @@ async def _pump_body(
     """
     writing = False
     try:
-        async with idle_timeout:
+        with idle_timeout:
             while chunk := await upstream_response.read_chunk():
                 idle_timeout.pause()
                 exchange.bytes_out += len(chunk)
