@@ -29,13 +29,15 @@ from gateway.via import new_mark
 #   SSE stream never learns that its downstream went away.
 # - auto_decompress: aiohttp's server inflates gzip request bodies by default; we forward bytes as sent.
 # - access_log: one structured line per request is ours to write, not aiohttp's.
-DATA_PLANE: Final[web.AppKey[DataPlaneHandler]] = web.AppKey("data_plane")
-
 GATEWAY_SERVER_OPTIONS: Final[Mapping[str, Any]] = {
     "handler_cancellation": True,
     "auto_decompress": False,
     "access_log": None,
 }
+
+
+# The app's one handler for every data-plane request (dataplane.py).
+DATA_PLANE: Final[web.AppKey[DataPlaneHandler]] = web.AppKey("data_plane")
 
 
 def build_gateway_app(

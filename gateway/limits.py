@@ -69,8 +69,6 @@ class OpenStream:
         return task.uncancel() == 0
 
 
-
-
 class Limits:
     def __init__(self, settings: Settings) -> None:
         self.max_body_size = settings.max_body_size

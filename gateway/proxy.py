@@ -62,11 +62,10 @@ class Proxy:
         upstream_headers.add(VIA, self.via_mark)  # the loop guard's mark (via.py)
         assert self.upstream is not None, "the app has not started"
         forwarded_at = time.perf_counter()
-        with UpstreamErrors(target.url):
-            with self.deadlines.within(self.settings.idle_timeout_s):
-                upstream_response = await self.upstream.request(
-                    request.method, target.url, upstream_headers, await self._request_body(request, exchange)
-                )
+        with UpstreamErrors(target.url), self.deadlines.within(self.settings.idle_timeout_s):
+            upstream_response = await self.upstream.request(
+                request.method, target.url, upstream_headers, await self._request_body(request, exchange)
+            )
         exchange.upstream_ms = (time.perf_counter() - forwarded_at) * 1000
         try:  # a downstream gone mid-response raises ConnectionResetError: the access line records it
             return await self._relay_response(request, exchange, upstream_response)

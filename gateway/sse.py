@@ -25,7 +25,6 @@ KEEPALIVE: Final = b": keepalive\n\n"
 _EVENT_ENDS: Final = (b"\n\n", b"\r\r", b"\r\n\r\n")
 
 
-
 async def relay(
     upstream_response: UpstreamResponse,
     downstream_response: web.StreamResponse,
