@@ -65,9 +65,14 @@ def build_gateway_app(
     app.cleanup_ctx.append(upstream_client)
     app.cleanup_ctx.append(lambda _: deadlines.run())
     handler = app[DATA_PLANE] = data_plane_handler(proxy, AccessLog(settings, metrics, engine.name), authenticate)
-    # What DataPlaneRunner serves without a router; any other runner (tests' TestServer) routes here.
-    app.router.add_route("*", "/{tail:.*}", handler)
+    # What DataPlaneRunner serves without a router; any other runner (tests' TestServer) routes here,
+    # and the proxy, not the router, answers Expect: 100-continue, as under DataPlaneRunner.
+    app.router.add_route("*", "/{tail:.*}", handler, expect_handler=_proxy_answers_expect)
     return app
+
+
+async def _proxy_answers_expect(_: web.Request) -> None:
+    return None
 
 
 class DataPlaneRunner(web.BaseRunner):

@@ -11,7 +11,8 @@ from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import Final
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
+from aiohttp.hdrs import EXPECT
 
 from gateway import sse
 from gateway.config import Settings
@@ -61,6 +62,8 @@ class Proxy:
         upstream_headers[REQUEST_ID] = exchange.request_id
         upstream_headers.add(VIA, self.via_mark)  # the loop guard's mark (via.py)
         assert self.upstream is not None, "the app has not started"
+        if request.body_exists and _expects_continue(request):
+            await _continue(request)
         forwarded_at = time.perf_counter()
         with UpstreamErrors(target.url), self.deadlines.within(self.settings.idle_timeout_s):
             upstream_response = await self.upstream.request(
@@ -118,6 +121,18 @@ class Proxy:
             return downstream_response
         await downstream_response.write_eof()
         return downstream_response
+
+
+def _expects_continue(request: web.BaseRequest) -> bool:
+    return request.version == HttpVersion11 and request.headers.get(EXPECT, "").lower() == "100-continue"
+
+
+async def _continue(request: web.BaseRequest) -> None:
+    """RFC 9110 §10.1.1: the caller holds the body back until told to send it. Sent once the request
+    is going to be forwarded, so a refusal (401, 413, 400, 429...) costs the caller no body upload.
+    The Expect field itself still goes upstream."""
+    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    request.writer.output_size = 0  # the interim response is not part of the response's size
 
 
 def _is_routed(request: web.BaseRequest, engine: Engine) -> bool:

@@ -16,8 +16,9 @@ from aiohttp.test_utils import TestClient
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 from yarl import URL
 
+from gateway.app import build_gateway_app
 from gateway.headers import MCP_PROXY_URL
-from tests.conftest import Upstream, serve_gateway
+from tests.conftest import Upstream, gateway_settings, serve_gateway
 
 
 @pytest.fixture
@@ -333,3 +334,45 @@ async def test_keeps_upstream_connections_alive(gateway, aiohttp_server: Aiohttp
 
 def test_target_url_keeps_encoding() -> None:
     assert URL("http://h:1/a%2Fb?x=%41", encoded=True).raw_path_qs == "/a%2Fb?x=%41"
+
+
+async def _expect_continue(host: str, port: int, upstream: Upstream, body: bytes) -> tuple[bytes, bytes]:
+    """A POST with Expect: 100-continue that sends its body only after the interim answer; both answers."""
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(f"POST /mcp HTTP/1.1\r\nHost: gw\r\n{MCP_PROXY_URL}: {upstream.url}\r\nExpect: 100-continue\r\n"
+                     f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode())
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
+        if not first.startswith(b"HTTP/1.1 100 "):
+            return first, b""  # a final answer: the body is never sent
+        writer.write(body)
+        return first, await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize("runner", ["cli", "router"])
+async def test_a_caller_expecting_100_continue_is_told_to_send_its_body(
+    runner: str, upstream: Upstream, aiohttp_client: AiohttpClient
+) -> None:
+    gateway = (await serve_gateway(aiohttp_client) if runner == "cli"
+               else await aiohttp_client(build_gateway_app(gateway_settings())))
+    body = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
+
+    interim, rest = await _expect_continue(gateway.host, gateway.port, upstream, body)
+
+    assert interim == b"HTTP/1.1 100 Continue\r\n\r\n"  # once: not the router's and then ours
+    assert rest.startswith(b"HTTP/1.1 200 OK\r\n")
+    [seen] = upstream.seen
+    assert (seen.body, seen.headers["Expect"]) == (body, "100-continue")
+
+
+async def test_a_refused_caller_expecting_100_continue_gets_the_refusal_and_sends_no_body(
+    upstream: Upstream, aiohttp_client: AiohttpClient
+) -> None:
+    gateway = await serve_gateway(aiohttp_client, max_body_size=16)
+
+    interim, _ = await _expect_continue(gateway.host, gateway.port, upstream, b"x" * 64)
+
+    assert interim.startswith(b"HTTP/1.1 413 ")
+    assert upstream.seen == []
