@@ -50,7 +50,7 @@ def data_plane_handler(
             except GatewayError as error:
                 exchange.error = error
                 response = error_response(error)
-            if not response.prepared:  # our own answers; the proxy sets it on relayed responses
+            if not response.prepared:  # our own answers and small replies; the proxy sets it on what it streams
                 response.headers[REQUEST_ID] = exchange.request_id
             return response
         except (ConnectionResetError, asyncio.CancelledError):  # the downstream went away

@@ -95,7 +95,6 @@ class Proxy:
         event_stream = is_event_stream(upstream_response.headers.get(CONTENT_TYPE))
         stream = self.limits.admit_stream(exchange) if event_stream else None  # 503 over --max-streams
         downstream_headers = downstream_response_headers(upstream_response.headers)
-        downstream_headers[REQUEST_ID] = exchange.request_id
         if not event_stream and request.method != "HEAD" and upstream_response.status not in _NO_BODY:
             body = upstream_response.arrived_body()
             if body is not None:  # a small reply, complete: aiohttp writes head and body in one go
@@ -103,8 +102,10 @@ class Proxy:
                 exchange.bytes_out = len(body)
                 if exchange.log_body_bytes:
                     exchange.keep_response_chunk(body)
+                # Returned unprepared: the data plane adds X-Request-ID, as to its own answers.
                 return web.Response(body=body, status=upstream_response.status, reason=upstream_response.reason,
                                     headers=downstream_headers)
+        downstream_headers[REQUEST_ID] = exchange.request_id  # prepared here: the data plane comes too late
         downstream_response = (web.StreamResponse if event_stream else _CoalescedResponse)(
             status=upstream_response.status, reason=upstream_response.reason, headers=downstream_headers
         )
