@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
-from typing import Any, Final
+from collections.abc import AsyncIterator
+from typing import Any, Final, cast
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry
@@ -12,7 +12,7 @@ from gateway import admin
 from gateway.admin import READINESS, Readiness
 from gateway.auth import bearer_auth
 from gateway.config import Settings, read_tokens
-from gateway.dataplane import DataPlaneHandler, data_plane_handler
+from gateway.dataplane import data_plane_handler
 from gateway.deadlines import Deadlines
 from gateway.engines import Engine, build_engine
 from gateway.http1 import Http1Client
@@ -21,23 +21,12 @@ from gateway.log import AccessLog
 from gateway.metrics import METRICS, Metrics
 from gateway.policy import TargetPolicy
 from gateway.proxy import Proxy
+from gateway.server import Server
 from gateway.upstream import AiohttpClient, UpstreamClient
 from gateway.via import new_mark
 
-# How the data plane must be served (AppRunner / TestServer keyword arguments):
-# - handler_cancellation: web.run_app and AppRunner leave it off, and then a handler relaying a silent
-#   SSE stream never learns that its downstream went away.
-# - auto_decompress: aiohttp's server inflates gzip request bodies by default; we forward bytes as sent.
-# - access_log: one structured line per request is ours to write, not aiohttp's.
-GATEWAY_SERVER_OPTIONS: Final[Mapping[str, Any]] = {
-    "handler_cancellation": True,
-    "auto_decompress": False,
-    "access_log": None,
-}
-
-
-# The app's one handler for every data-plane request (dataplane.py).
-DATA_PLANE: Final[web.AppKey[DataPlaneHandler]] = web.AppKey("data_plane")
+# The server of the data plane (server.py), calling its one handler (dataplane.py) for every request.
+DATA_PLANE: Final[web.AppKey[Server]] = web.AppKey("data_plane")
 
 
 def build_gateway_app(
@@ -64,21 +53,17 @@ def build_gateway_app(
 
     app.cleanup_ctx.append(upstream_client)
     app.cleanup_ctx.append(lambda _: deadlines.run())
-    handler = app[DATA_PLANE] = data_plane_handler(proxy, AccessLog(settings, metrics, engine.name), authenticate)
-    # What DataPlaneRunner serves without a router; any other runner (tests' TestServer) routes here,
-    # and the proxy, not the router, answers Expect: 100-continue, as under DataPlaneRunner.
-    app.router.add_route("*", "/{tail:.*}", handler, expect_handler=_proxy_answers_expect)
+    handler = data_plane_handler(proxy, AccessLog(settings, metrics, engine.name), authenticate)
+    app[DATA_PLANE] = Server(handler, max_head_bytes=settings.max_header_size)
     return app
 
 
-async def _proxy_answers_expect(_: web.Request) -> None:
-    return None
-
-
 class DataPlaneRunner(web.BaseRunner):
-    """Runs the gateway app as AppRunner does, serving its data-plane handler on aiohttp's low-level
-    server: no router, match info or per-app request wrapper on each request (~8 µs of CPU each,
-    docs/performance.md). The app still starts and cleans up its resources with the runner.
+    """Runs the gateway app as AppRunner does, its sites listening with the data plane's own server
+    (server.py) instead of aiohttp's: the app still starts and cleans up its resources with the
+    runner, and TCPSite and the drain work as for any aiohttp app. aiohttp's server options
+    (handler_cancellation, access_log...) do not apply: ours always cancels a handler whose client
+    left, writes its own access log, and never decompresses.
     """
 
     __slots__ = ("_app",)
@@ -94,7 +79,7 @@ class DataPlaneRunner(web.BaseRunner):
         self._app.on_startup.freeze()
         await self._app.startup()
         self._app.freeze()
-        return web.Server(self._app[DATA_PLANE], **self._kwargs)
+        return cast(web.Server, self._app[DATA_PLANE])  # a protocol factory with pre_shutdown() and shutdown()
 
     async def _cleanup_server(self) -> None:
         await self._app.cleanup()

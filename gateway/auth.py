@@ -9,10 +9,11 @@ import hashlib
 import hmac
 from collections.abc import Callable, Sequence
 
-from aiohttp import hdrs, web
-from multidict import CIMultiDict
+from aiohttp import hdrs
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.errors import Unauthorized
+from gateway.server import Request
 
 
 def _digest(token: str) -> bytes:
@@ -20,7 +21,7 @@ def _digest(token: str) -> bytes:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
 
 
-Authenticate = Callable[[web.BaseRequest], web.BaseRequest]
+Authenticate = Callable[[Request], Request]
 
 
 def bearer_auth(tokens: Sequence[str], routing_headers: Sequence[str], forward: bool) -> Authenticate:
@@ -38,7 +39,7 @@ def bearer_auth(tokens: Sequence[str], routing_headers: Sequence[str], forward: 
             matched |= hmac.compare_digest(presented, digest)
         return scheme.lower() == "bearer" and matched
 
-    def authenticate(request: web.BaseRequest) -> web.BaseRequest:
+    def authenticate(request: Request) -> Request:
         if (request.method == "GET" and request.path == "/health"
                 and not any(name in request.headers for name in routing_headers)):
             return request
@@ -47,7 +48,7 @@ def bearer_auth(tokens: Sequence[str], routing_headers: Sequence[str], forward: 
         if not forward:
             upstream_view = CIMultiDict(request.headers)
             del upstream_view[hdrs.AUTHORIZATION]
-            request = request.clone(headers=upstream_view)
+            request.headers = CIMultiDictProxy(upstream_view)
         return request
 
     return authenticate

@@ -15,11 +15,11 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway.admin import Readiness
-from gateway.app import GATEWAY_SERVER_OPTIONS, DataPlaneRunner, build_admin_app, build_gateway_app
+from gateway.app import DataPlaneRunner, build_admin_app, build_gateway_app
 from gateway.config import Settings, load_settings
 from gateway.engines import Engine, build_engine
 from gateway.errors import ConfigError
-from gateway.limits import LIMITS, Limits, server_limits
+from gateway.limits import LIMITS, Limits
 from gateway.log import configure_logging, shown_settings
 from gateway.metrics import Metrics, use_multiprocess_dir
 from gateway.supervisor import SUPERVISOR_PID_ENV, supervise
@@ -53,8 +53,7 @@ async def serve(settings: Settings, engine: Engine, reuse_port: bool = False) ->
     metrics = Metrics.build(CollectorRegistry(), settings.metrics_multiproc_dir)
     gateway_app = build_gateway_app(settings, engine, metrics)
     # shutdown_timeout is what is left after our own drain: requests still running then are cancelled.
-    gateway_runner = DataPlaneRunner(gateway_app, **GATEWAY_SERVER_OPTIONS, shutdown_timeout=CLOSE_GRACE_S,
-                                     **server_limits(settings))
+    gateway_runner = DataPlaneRunner(gateway_app, shutdown_timeout=CLOSE_GRACE_S)
     admin_runner = web.AppRunner(build_admin_app(readiness, metrics), access_log=None,
                                  shutdown_timeout=CLOSE_GRACE_S)
     await gateway_runner.setup()

@@ -2,6 +2,7 @@
 
     ConfigError                 bad settings: startup stops (exit code 2), never a response
     GatewayError                answered as JSON before any response byte was sent
+    ├── BadRequest              400  the request is not valid HTTP/1.1 (the server's parser refused it)
     ├── MissingHeader           400  the engine's routing header is absent
     ├── MalformedHeader         400  a routing header is present but unusable
     ├── MalformedPath           400  a path that would climb out of its target (dot segments)
@@ -24,7 +25,6 @@ import os
 import socket
 from typing import Any, ClassVar
 
-from aiohttp import web
 from yarl import URL
 
 
@@ -41,6 +41,8 @@ class GatewayError(Exception):
 
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
+    # The connection is closed after the answer: what the client sends next cannot be trusted to parse.
+    closes_connection: ClassVar[bool] = False
 
     @property
     def message(self) -> str:
@@ -51,6 +53,12 @@ class GatewayError(Exception):
 
     def response_headers(self) -> dict[str, str]:
         return {}
+
+
+class BadRequest(GatewayError):
+    status = 400
+    code = "bad_request"
+    closes_connection = True
 
 
 class MissingHeader(GatewayError):
@@ -127,6 +135,7 @@ class BodyTooLarge(GatewayError):
 class HeadersTooLarge(GatewayError):
     status = 431
     code = "headers_too_large"
+    closes_connection = True
 
 
 class _RetryLater(GatewayError):
@@ -187,7 +196,3 @@ class UpstreamErrors:
         reason = os.strerror(exc.errno) if exc.errno else str(exc) or exc.__class__.__name__
         raise UpstreamUnreachable(f"upstream {where} failed: {reason}") from exc
 
-
-def error_response(error: GatewayError) -> web.Response:
-    """A GatewayError as the JSON answer with its status."""
-    return web.json_response(error.body(), status=error.status, headers=error.response_headers())

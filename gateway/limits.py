@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
-from itertools import chain
 from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
@@ -17,6 +16,7 @@ from gateway.engines import Target
 from gateway.errors import BodyTooLarge, HeadersTooLarge, TargetBusy, TooManyStreams, authority
 from gateway.exchange import Exchange
 from gateway.headers import SANDBOX_ID
+from gateway.server import Request
 
 if TYPE_CHECKING:
     from gateway.config import Settings
@@ -30,11 +30,6 @@ def target_key(target: Target) -> str:
         if name.lower() == _SANDBOX_ID:
             return value
     return authority(target.url)
-
-
-def server_limits(settings: Settings) -> dict[str, Any]:
-    """aiohttp server parser limits: one header line may use the whole --max-header-size budget."""
-    return {"max_line_size": settings.max_header_size, "max_field_size": settings.max_header_size}
 
 
 class OpenStream:
@@ -100,14 +95,12 @@ class Limits:
         exchange.stream = stream
         return stream
 
-    def check(self, request: web.BaseRequest) -> None:
+    def check(self, request: Request) -> None:
         """413 and 431 before anything is forwarded."""
         length = request.content_length
         if length is not None and length > self.max_body_size:
             raise BodyTooLarge(f"request body of {length} bytes exceeds --max-body-size {self.max_body_size}")
-        raw_headers = request.raw_headers
-        # Each line is "name: value\r\n"; counted in C, as this runs on every request.
-        header_bytes = sum(map(len, chain.from_iterable(raw_headers))) + 4 * len(raw_headers)
+        header_bytes = request.header_bytes  # each line counted as "name: value\r\n" by the server
         if header_bytes > self.max_header_size:
             raise HeadersTooLarge(f"request headers of {header_bytes} bytes exceed --max-header-size "
                                   f"{self.max_header_size}")

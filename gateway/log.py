@@ -15,7 +15,6 @@ from json.encoder import encode_basestring_ascii as json_string
 from typing import Any, Final, TextIO
 
 import structlog
-from aiohttp import web
 
 from gateway.config import OPTIONS, Settings
 from gateway.exchange import (
@@ -30,6 +29,7 @@ from gateway.exchange import (
 from gateway.headers import ENV_INSTANCE_ID, REQUEST_ID
 from gateway.jsonrpc import rpc_method
 from gateway.metrics import Metrics, upstream_error_kind
+from gateway.server import Request, Response, StreamResponse
 
 # nginx's code for a request whose client left before the response started.
 CLIENT_CLOSED_STATUS: Final = 499
@@ -175,20 +175,19 @@ class AccessLog:
         self._engine = engine
         self._log_body_bytes = settings.log_bodies
         self._secrets = secret_values(settings)
-        self._finished: list[tuple[web.BaseRequest, Exchange, web.StreamResponse | None]] = []
+        self._finished: list[tuple[Request, Exchange, Response | StreamResponse | None]] = []
 
-    def exchange(self, request: web.BaseRequest) -> Exchange:
+    def exchange(self, request: Request) -> Exchange:
         """The record of a request that has just arrived; its id is the caller's X-Request-ID or a new one."""
         request_id = request.headers.get(REQUEST_ID) or new_request_id()
         return Exchange(request_id[:_MAX_FIELD_CHARS], self._log_body_bytes)
 
-    def finished(self, request: web.BaseRequest, exchange: Exchange, response: web.StreamResponse | None) -> None:
+    def finished(self, request: Request, exchange: Exchange, response: Response | StreamResponse | None) -> None:
         """The handler returned or raised: the request is accounted at the end of this loop pass."""
         exchange.finished()
         self._finished.append((request, exchange, response))
         if len(self._finished) == 1:
-            # The request's task knows its loop; asyncio.get_running_loop() would cost a getpid() call.
-            request.task.get_loop().call_soon(self._account_finished)
+            request.connection.loop.call_soon(self._account_finished)
 
     def _account_finished(self) -> None:
         batch, self._finished = self._finished, []
@@ -201,14 +200,14 @@ class AccessLog:
         self._line.flush()
         self._metrics.batch_done()
 
-    def _account(self, request: web.BaseRequest, exchange: Exchange, response: web.StreamResponse | None,
+    def _account(self, request: Request, exchange: Exchange, response: Response | StreamResponse | None,
                  timestamp: str) -> None:
         status = exchange.status
         bytes_out = exchange.bytes_out
         if response is not None:
             status = response.status
-            if isinstance(response, web.Response) and response.body:
-                bytes_out = len(response.body)  # type: ignore[arg-type]  # our own JSON: bytes
+            if isinstance(response, Response) and response.body:
+                bytes_out = len(response.body)
         elif not status:
             status = CLIENT_CLOSED_STATUS if exchange.outcome == CLIENT_CLOSED else 500
         error = exchange.error

@@ -11,9 +11,6 @@ from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import Final
 
-from aiohttp import HttpVersion11, web
-from aiohttp.hdrs import EXPECT
-
 from gateway import sse
 from gateway.config import Settings
 from gateway.deadlines import Deadlines, IdleTimeout
@@ -29,6 +26,7 @@ from gateway.headers import (
 )
 from gateway.limits import Limits
 from gateway.metrics import Metrics
+from gateway.server import Request, Response, StreamResponse, json_response
 from gateway.upstream import Body, UpstreamClient, UpstreamResponse
 from gateway.via import VIA
 
@@ -50,10 +48,10 @@ class Proxy:
     via_mark: str
     upstream: UpstreamClient | None = None  # made when the app starts (it needs the running loop)
 
-    async def handle(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
+    async def handle(self, request: Request, exchange: Exchange) -> Response | StreamResponse:
         engine = self.engine
         if request.path == "/health" and request.method == "GET" and not _is_routed(request, engine):
-            return web.json_response({"status": "ok", "engine": engine.name})
+            return json_response({"status": "ok", "engine": engine.name})
 
         target = engine.resolve(request.headers, request.raw_path)
         exchange.target = authority(target.url)
@@ -62,8 +60,10 @@ class Proxy:
         upstream_headers[REQUEST_ID] = exchange.request_id
         upstream_headers.add(VIA, self.via_mark)  # the loop guard's mark (via.py)
         assert self.upstream is not None, "the app has not started"
-        if request.body_exists and _expects_continue(request):
-            await _continue(request)
+        if request.body_exists and request.expects_continue() and not request.content.total_bytes:
+            # RFC 9110 §10.1.1: sent once the request is going to be forwarded, so that a refusal
+            # (401, 413, 400, 429...) costs the caller no upload. The Expect field still goes upstream.
+            request.connection.send_continue()
         forwarded_at = time.perf_counter()
         with UpstreamErrors(target.url), self.deadlines.within(self.settings.idle_timeout_s):
             upstream_response = await self.upstream.request(
@@ -75,21 +75,21 @@ class Proxy:
         finally:
             upstream_response.release()
 
-    async def _request_body(self, request: web.BaseRequest, exchange: Exchange) -> Body:
+    async def _request_body(self, request: Request, exchange: Exchange) -> Body:
         """Small bodies whole (one write upstream), large or unknown-length ones as a stream."""
         if not request.body_exists:
             return None
         length = request.content_length
+        content = request.content
         if length is not None and length <= SMALL_BODY_BYTES:
-            content = request.content
-            # A small body usually arrived with the head: take it as is, without read()'s loop and copies.
-            body = exchange.body_head = content.read_nowait() if content.is_eof() else await request.read()
+            # A small body usually arrived with the head: taken as is.
+            body = exchange.body_head = content.arrived() if content.complete else await content.read()
             return body
-        return _stream(self.limits.limited(request.content.iter_any()), exchange)  # 413 past --max-body-size
+        return _stream(self.limits.limited(content.chunks()), exchange)  # 413 past --max-body-size
 
     async def _relay_response(
-        self, request: web.BaseRequest, exchange: Exchange, upstream_response: UpstreamResponse
-    ) -> web.StreamResponse:
+        self, request: Request, exchange: Exchange, upstream_response: UpstreamResponse
+    ) -> Response | StreamResponse:
         # The status line goes on the wire at prepare(): from here on a failure is logged and ends
         # the response, and never becomes a JSON error.
         event_stream = is_event_stream(upstream_response.headers.get(CONTENT_TYPE))
@@ -97,18 +97,18 @@ class Proxy:
         downstream_headers = downstream_response_headers(upstream_response.headers)
         if not event_stream and request.method != "HEAD" and upstream_response.status not in _NO_BODY:
             body = upstream_response.arrived_body()
-            if body is not None:  # a small reply, complete: aiohttp writes head and body in one go
+            if body is not None:  # a small reply, complete: head and body go out in one write
                 exchange.status = upstream_response.status
                 exchange.bytes_out = len(body)
                 if exchange.log_body_bytes:
                     exchange.keep_response_chunk(body)
                 # Returned unprepared: the data plane adds X-Request-ID, as to its own answers.
-                return web.Response(body=body, status=upstream_response.status, reason=upstream_response.reason,
-                                    headers=downstream_headers)
+                return Response(body, upstream_response.status, upstream_response.reason, downstream_headers)
         downstream_headers[REQUEST_ID] = exchange.request_id  # prepared here: the data plane comes too late
-        downstream_response = (web.StreamResponse if event_stream else _CoalescedResponse)(
-            status=upstream_response.status, reason=upstream_response.reason, headers=downstream_headers
-        )
+        # A non-SSE head leaves with the first body bytes (one send() for a short reply); an event
+        # stream's at once.
+        downstream_response = StreamResponse(upstream_response.status, upstream_response.reason, downstream_headers,
+                                             send_head_now=event_stream)
         await downstream_response.prepare(request)
         exchange.status = upstream_response.status
         if stream is not None:
@@ -118,25 +118,14 @@ class Proxy:
             return downstream_response
         idle_timeout = self.deadlines.within(self.settings.idle_timeout_s)
         if not await _pump_body(upstream_response, downstream_response, idle_timeout, exchange):
-            _abort(request)
+            # Close the downstream connection mid-body, so the client cannot take a truncated reply as whole.
+            request.connection.abort()
             return downstream_response
         await downstream_response.write_eof()
         return downstream_response
 
 
-def _expects_continue(request: web.BaseRequest) -> bool:
-    return request.version == HttpVersion11 and request.headers.get(EXPECT, "").lower() == "100-continue"
-
-
-async def _continue(request: web.BaseRequest) -> None:
-    """RFC 9110 §10.1.1: the caller holds the body back until told to send it. Sent once the request
-    is going to be forwarded, so a refusal (401, 413, 400, 429...) costs the caller no body upload.
-    The Expect field itself still goes upstream."""
-    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    request.writer.output_size = 0  # the interim response is not part of the response's size
-
-
-def _is_routed(request: web.BaseRequest, engine: Engine) -> bool:
+def _is_routed(request: Request, engine: Engine) -> bool:
     return any(name in request.headers for name in engine.routing_headers)
 
 
@@ -147,7 +136,7 @@ async def _stream(chunks: AsyncIterable[bytes], exchange: Exchange) -> AsyncIter
 
 
 async def _pump_body(
-    upstream_response: UpstreamResponse, downstream_response: web.StreamResponse, idle_timeout: IdleTimeout,
+    upstream_response: UpstreamResponse, downstream_response: StreamResponse, idle_timeout: IdleTimeout,
     exchange: Exchange,
 ) -> bool:
     """Copy a non-SSE body; False once it broke or the upstream sent nothing for the idle timeout.
@@ -172,19 +161,3 @@ async def _pump_body(
         exchange.upstream_failed("idle_timeout" if isinstance(exc, TimeoutError) else "reset_mid_stream")
         return False
     return True
-
-
-class _CoalescedResponse(web.StreamResponse):
-    """A non-SSE reply: the status line and headers leave with the first body bytes, in one write.
-
-    aiohttp's own web.Response defers its headers the same way; a small reply then costs one
-    send() instead of two (docs/performance.md). An event stream still sends its headers at once.
-    """
-
-    _send_headers_immediately = False
-
-
-def _abort(request: web.BaseRequest) -> None:
-    """Close the downstream connection mid-body, so the client cannot take a truncated reply as whole."""
-    if request.transport is not None:
-        request.transport.abort()

@@ -12,10 +12,10 @@ import asyncio
 from typing import Final
 
 import structlog
-from aiohttp import web
 
 from gateway.exchange import Exchange
 from gateway.limits import OpenStream
+from gateway.server import StreamResponse
 from gateway.upstream import UpstreamResponse
 
 log = structlog.get_logger(__name__)
@@ -27,7 +27,7 @@ _EVENT_ENDS: Final = (b"\n\n", b"\r\r", b"\r\n\r\n")
 
 async def relay(
     upstream_response: UpstreamResponse,
-    downstream_response: web.StreamResponse,
+    downstream_response: StreamResponse,
     exchange: Exchange,
     stream: OpenStream | None = None,
     keepalive_s: float = 0.0,

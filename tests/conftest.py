@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -15,7 +14,7 @@ from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 from yarl import URL
 
-from gateway.app import GATEWAY_SERVER_OPTIONS, DataPlaneRunner, build_gateway_app
+from gateway.app import DATA_PLANE, DataPlaneRunner, build_gateway_app
 from gateway.config import Settings
 
 # Every test that runs a gateway over sockets runs once per upstream transport (issue #6).
@@ -45,13 +44,8 @@ def gateway_settings(**overrides: Any) -> Settings:
     return dataclasses.replace(base, **overrides)
 
 
-# TestServer always sets handler_cancellation itself, and drops server options given to its constructor:
-# they must go to start_server().
-SERVER_OPTIONS: Final = {k: v for k, v in GATEWAY_SERVER_OPTIONS.items() if k != "handler_cancellation"}
-
-
 class DataPlaneTestServer(BaseTestServer):
-    """aiohttp's TestServer, serving the app with the CLI's runner (DataPlaneRunner) instead of AppRunner."""
+    """aiohttp's TestServer, serving a gateway app with the CLI's runner (DataPlaneRunner) and server."""
 
     def __init__(self, app: web.Application) -> None:
         super().__init__()
@@ -61,26 +55,40 @@ class DataPlaneTestServer(BaseTestServer):
         return DataPlaneRunner(self.app, **kwargs)
 
 
-async def serve_gateway(
-    aiohttp_client: AiohttpClient, **overrides: Any
-) -> TestClient[web.BaseRequest, web.Application]:
+@pytest.fixture
+def aiohttp_client(aiohttp_client: AiohttpClient) -> AiohttpClient:
+    """pytest-aiohttp's, except that a gateway app is served as the CLI serves it (DataPlaneTestServer)."""
+
+    async def client(target: Any, **kwargs: Any) -> TestClient[Any, Any]:
+        if isinstance(target, web.Application) and DATA_PLANE in target:
+            target = DataPlaneTestServer(target)
+        started: TestClient[Any, Any] = await aiohttp_client(target, **kwargs)
+        return started
+
+    return client  # type: ignore[return-value]
+
+
+@pytest.fixture
+async def aiohttp_server(aiohttp_server: AiohttpServer) -> AsyncIterator[AiohttpServer]:
+    """pytest-aiohttp's, except that a gateway app is served as the CLI serves it (DataPlaneTestServer)."""
+    started: list[BaseTestServer] = []
+
+    async def server(app: web.Application, **kwargs: Any) -> BaseTestServer:
+        if DATA_PLANE in app:
+            test_server = DataPlaneTestServer(app)
+            await test_server.start_server(**kwargs)
+            started.append(test_server)
+            return test_server
+        return await aiohttp_server(app, **kwargs)
+
+    yield server  # type: ignore[misc]
+    for test_server in started:
+        await test_server.close()
+
+
+async def serve_gateway(aiohttp_client: AiohttpClient, **overrides: Any) -> TestClient[Any, Any]:
     """The gateway app on 127.0.0.1, served as the CLI serves it, and a client that never decompresses."""
-    server = DataPlaneTestServer(build_gateway_app(gateway_settings(**overrides)))
-    await server.start_server(**SERVER_OPTIONS)
-    return await aiohttp_client(server, auto_decompress=False)
-
-
-@asynccontextmanager
-async def running(app: web.Application, **server_options: Any) -> AsyncIterator[URL]:
-    """Serve app on 127.0.0.1 with a real AppRunner, as cli.py does; yields its base URL."""
-    runner = web.AppRunner(app, **server_options)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, "127.0.0.1", 0).start()
-        host, port = runner.addresses[0][:2]
-        yield URL.build(scheme="http", host=host, port=port)
-    finally:
-        await runner.cleanup()
+    return await aiohttp_client(build_gateway_app(gateway_settings(**overrides)), auto_decompress=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,627 @@
+"""The data plane's HTTP/1.1 server: httptools' request parser on asyncio protocols.
+
+aiohttp's server spent about 35 µs of CPU per proxied call more than a lean one (docs/performance.md),
+so the data plane is served here; the admin port stays on aiohttp. It does what a reverse proxy's
+front needs and nothing more:
+
+- keep-alive, and pipelined requests answered one after another, in order;
+- request bodies by Content-Length or chunked, handed over as they arrive, with reading paused
+  while a body waits for a slow upstream;
+- responses written whole (Response) or streamed (StreamResponse): chunked for HTTP/1.1 when the
+  length is unknown, close-delimited for HTTP/1.0, never a body for HEAD, 1xx, 204 and 304;
+  writes wait while the client is slow to read;
+- the handler's task is cancelled when the client goes away;
+- a request the parser refuses (malformed, a head over the limit) still reaches the handler, as a
+  Request whose `refusal` is set, so that it is answered, logged and counted like any other;
+- the drain: pre_shutdown() closes idle connections, shutdown() waits for handlers, then cancels.
+
+Serves as aiohttp's web.Server does under a BaseRunner (app.DataPlaneRunner): a protocol factory
+with pre_shutdown() and shutdown().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from http import HTTPStatus
+from typing import Any, Final, cast
+from urllib.parse import unquote
+
+import structlog
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+from multidict import CIMultiDict, CIMultiDictProxy, istr
+
+from gateway.errors import BadRequest, GatewayError, HeadersTooLarge
+
+log = structlog.get_logger(__name__)
+
+# A request body is read ahead up to this much while the handler has not taken it; then reading pauses.
+BODY_HIGH_BYTES: Final = 256 * 1024
+# Pipelined requests waiting for their turn beyond this pause reading.
+MAX_PIPELINED: Final = 16
+# A head is refused outright (431) past the --max-header-size check plus this margin, before it is parsed whole.
+HEAD_MARGIN_BYTES: Final = 64 * 1024
+# A connection with no request in flight is closed after this long (aiohttp's keepalive_timeout); a
+# head that takes longer to arrive is cut too.
+IDLE_TIMEOUT_S: Final = 75.0
+# After a reply to a request that was not read whole (a refusal, a body left unread), what the client
+# still sends is dropped for up to this long before the connection closes (_linger_close).
+LINGER_S: Final = 10.0
+
+CONTENT_LENGTH: Final = istr("Content-Length")
+TRANSFER_ENCODING: Final = istr("Transfer-Encoding")
+CONTENT_TYPE: Final = istr("Content-Type")
+DATE: Final = istr("Date")
+_CONNECTION: Final = istr("Connection")
+_EXPECT: Final = istr("Expect")
+# RFC 9110 §6.4.1: these responses carry no body, whatever their headers say.
+_NO_BODY_STATUSES: Final = frozenset({204, 304})
+_REASONS: Final = {status.value: status.phrase for status in HTTPStatus}
+_CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+Handler = Callable[["Request"], Awaitable["Response | StreamResponse"]]
+
+
+class RequestBody:
+    """A request body as it arrives: taken whole (read, arrived) or chunk by chunk (chunks)."""
+
+    __slots__ = ("_buffered", "_chunks", "_connection", "_error", "_waiter", "complete", "total_bytes")
+
+    def __init__(self, connection: _Connection | None) -> None:
+        self._connection = connection
+        self._chunks: list[bytes] = []
+        self._buffered = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: BaseException | None = None
+        self.complete = connection is None
+        self.total_bytes = 0
+
+    def arrived(self) -> bytes:
+        """What has arrived so far, taken from the buffer: the whole body once `complete`."""
+        chunks, self._chunks = self._chunks, []
+        self._taken()
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def read(self) -> bytes:
+        parts = []
+        async for chunk in self.chunks():
+            parts.append(chunk)
+        return b"".join(parts)
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Each batch of body bytes as it arrives; raises ConnectionResetError if the client leaves mid-body."""
+        while True:
+            if self._chunks:
+                yield self.arrived()
+            elif self._error is not None:
+                raise self._error
+            elif self.complete:
+                return
+            else:
+                assert self._connection is not None
+                self._waiter = self._connection.loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+
+    def _taken(self) -> None:
+        self._buffered = 0
+        if self._connection is not None:
+            self._connection.body_taken()
+
+    def _feed(self, chunk: bytes) -> int:
+        self._chunks.append(chunk)
+        self.total_bytes += len(chunk)
+        self._buffered += len(chunk)
+        self._wake()
+        return self._buffered
+
+    def _end(self) -> None:
+        self.complete = True
+        self._wake()
+
+    def _fail(self, error: BaseException) -> None:
+        if not self.complete:
+            self._error = error
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+_NO_BODY: Final = RequestBody(None)
+
+
+class Request:
+    """One request's head and body. `refusal` is set when the parser refused it: the handler answers that."""
+
+    __slots__ = (
+        "_path",
+        "connection",
+        "content",
+        "content_length",
+        "header_bytes",
+        "headers",
+        "keep_alive",
+        "method",
+        "raw_path",
+        "refusal",
+        "version",
+    )
+
+    def __init__(self, connection: _Connection, method: str, raw_path: str, version: str,
+                 headers: CIMultiDictProxy[str], header_bytes: int, keep_alive: bool) -> None:
+        self.connection = connection
+        self.method = method
+        self.raw_path = raw_path  # the request target as sent: path and query, percent-encoding kept
+        self.version = version
+        self.headers = headers
+        self.header_bytes = header_bytes  # every header line as "name: value\r\n"
+        self.keep_alive = keep_alive
+        self.content_length: int | None = None
+        self.content = _NO_BODY
+        self.refusal: GatewayError | None = None
+        self._path: str | None = None
+
+    @property
+    def path(self) -> str:
+        """The path without the query, percent-decoded (for routing /health and log lines)."""
+        path = self._path
+        if path is None:
+            path = self.raw_path.partition("?")[0]
+            if "%" in path:
+                path = unquote(path)
+            self._path = path
+        return path
+
+    @property
+    def body_exists(self) -> bool:
+        return self.content is not _NO_BODY
+
+    def expects_continue(self) -> bool:
+        return self.version == "1.1" and self.headers.get(_EXPECT, "").lower() == "100-continue"
+
+
+class Response:
+    """A complete reply: its head and body leave in one write."""
+
+    __slots__ = ("body", "headers", "prepared", "reason", "status")
+
+    def __init__(self, body: bytes = b"", status: int = 200, reason: str | None = None,
+                 headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None) -> None:
+        self.body = body
+        self.status = status
+        self.reason = reason
+        self.headers = headers if isinstance(headers, CIMultiDict) else CIMultiDict(headers or ())
+        self.prepared = False
+
+
+def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    response = Response(json.dumps(data).encode(), status, headers=headers)
+    response.headers[CONTENT_TYPE] = "application/json; charset=utf-8"
+    return response
+
+
+class StreamResponse:
+    """A reply written as it goes: prepare(), write()..., write_eof().
+
+    send_head_now=False keeps the status line and headers until the first body bytes, so that a
+    short reply costs one send(); an event stream sends its head at once.
+    """
+
+    __slots__ = ("_chunked", "_connection", "_ended", "_head", "_no_body", "headers", "prepared", "reason",
+                 "send_head_now", "status")
+
+    def __init__(self, status: int = 200, reason: str | None = None, headers: Mapping[str, str] | None = None,
+                 send_head_now: bool = True) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers if isinstance(headers, CIMultiDict) else CIMultiDict(headers or ())
+        self.send_head_now = send_head_now
+        self.prepared = False
+        self._connection: _Connection | None = None
+        self._head: bytes | None = None  # held until the first body bytes (send_head_now=False)
+        self._chunked = False
+        self._no_body = False
+        self._ended = False
+
+    async def prepare(self, request: Request) -> None:
+        connection = self._connection = request.connection
+        headers = self.headers
+        self._no_body = request.method == "HEAD" or self.status in _NO_BODY_STATUSES or self.status < 200
+        if not self._no_body and CONTENT_LENGTH not in headers:
+            if request.version == "1.1":
+                headers[TRANSFER_ENCODING] = "chunked"
+                self._chunked = True
+            else:
+                connection.keep_alive = False  # HTTP/1.0: the body ends when the connection does
+        head = connection.encode_head(request, self.status, self.reason, headers)
+        self.prepared = True
+        if self.send_head_now:
+            await connection.write(head)
+        else:
+            self._head = head
+
+    async def write(self, data: bytes) -> None:
+        connection = self._connection
+        assert connection is not None, "prepare() first"
+        if self._no_body or not data:
+            return
+        if self._chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        if self._head is not None:
+            data, self._head = self._head + data, None
+        await connection.write(data)
+
+    async def write_eof(self) -> None:
+        connection = self._connection
+        if self._ended or connection is None:
+            return
+        self._ended = True
+        tail = b"0\r\n\r\n" if self._chunked and not self._no_body else b""
+        if self._head is not None:
+            tail, self._head = self._head + tail, None
+        if tail:
+            await connection.write(tail)
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection; httptools calls the on_* methods while data_received feeds it."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.keep_alive = True  # of the response being written; a reply or the client can end it
+        self._parser = HttpRequestParser(self)
+        self._transport: asyncio.Transport | None = None
+        self._lost = False
+        self._input_closed = False  # after a refusal: what follows is not read
+        self._closing = False  # the server drains: close once the current response is done
+        self._task: asyncio.Task[None] | None = None  # serving the current request, then the pipelined ones
+        self._pending: deque[Request] = deque()
+        self._write_waiter: asyncio.Future[None] | None = None
+        self._reading_paused = False
+        self._linger: asyncio.TimerHandle | None = None
+        self._wrote = False  # of the current response: whether any byte went out
+        self.idle_since = self.loop.time()
+        # the request being parsed
+        self._in_head = False  # inside a request's head, from its first byte to its blank line
+        self._raw_head_bytes = 0
+        self._url = b""
+        self._headers: list[tuple[str, str]] = []
+        self._header_bytes = 0
+        self._body: RequestBody | None = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
+        self.server.connected(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._input_closed:
+            return
+        in_head = self._in_head
+        try:
+            self._parser.feed_data(data)
+        except HttpParserUpgrade as upgrade:
+            # An Upgrade (h2c, websocket) we do not take up: the request is answered as any other, and
+            # what follows it is HTTP/1.1 again (RFC 9110 §7.8: the server may ignore Upgrade).
+            self._parser = HttpRequestParser(self)
+            offset = upgrade.args[0] if upgrade.args and isinstance(upgrade.args[0], int) else len(data)
+            if offset < len(data):
+                self.data_received(data[offset:])
+        except HttpParserError as exc:
+            if self._body is not None:  # a broken chunked body: its request is already being answered
+                self._body._fail(ConnectionResetError("the request body is malformed"))
+                self._body = None
+            self._refuse(BadRequest(f"malformed HTTP request: {_parser_message(exc)}"))
+            return
+        if in_head and self._in_head:  # all of it inside one head, which httptools holds until it ends
+            self._raw_head_bytes += len(data)
+            if self._raw_head_bytes > self.server.max_head_bytes + HEAD_MARGIN_BYTES:
+                self._refuse(HeadersTooLarge(f"request headers exceed --max-header-size {self.server.max_head_bytes}"))
+
+    def eof_received(self) -> bool:
+        return False  # the client is gone: close, and connection_lost cancels what it asked for
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._transport = None
+        self.server.connections.discard(self)
+        if self._linger is not None:
+            self._linger.cancel()
+        if self._body is not None:
+            self._body._fail(ConnectionResetError("the client closed the connection mid-body"))
+        self._pending.clear()
+        if self._task is not None:
+            self._task.cancel()
+        self.resume_writing()
+
+    def pause_writing(self) -> None:
+        self._write_waiter = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        waiter, self._write_waiter = self._write_waiter, None
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # httptools callbacks
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._raw_head_bytes = 0
+        self._url = b""
+        self._headers = []
+        self._header_bytes = 0
+
+    def on_url(self, url: bytes) -> None:
+        self._url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._header_bytes += len(name) + len(value) + 4
+        self._headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        if self._input_closed:  # a request parsed after the connection was told to close
+            return
+        parser = self._parser
+        self._in_head = False
+        self._raw_head_bytes = 0
+        headers = CIMultiDictProxy(CIMultiDict(self._headers))
+        request = Request(self, parser.get_method().decode("ascii"), self._url.decode("utf-8", "surrogateescape"),
+                          parser.get_http_version(), headers, self._header_bytes, parser.should_keep_alive())
+        length = headers.get(CONTENT_LENGTH)
+        if length is not None:
+            request.content_length = int(length)  # llhttp accepted it: digits only
+        if request.content_length or TRANSFER_ENCODING in headers:
+            request.content = self._body = RequestBody(self)
+        self._start(request)
+
+    def on_body(self, body: bytes) -> None:
+        current = self._body
+        if current is not None and current._feed(body) > BODY_HIGH_BYTES:
+            self._pause_reading()
+
+    def on_message_complete(self) -> None:
+        current, self._body = self._body, None
+        if current is not None:
+            current._end()
+
+    # serving
+
+    def _start(self, request: Request) -> None:
+        if self._task is None:
+            self._task = self.loop.create_task(self._serve(request))
+        else:
+            self._pending.append(request)
+            if len(self._pending) > MAX_PIPELINED:
+                self._pause_reading()
+
+    def _refuse(self, error: GatewayError) -> None:
+        """Answer what the parser refused, in its turn, and take nothing more from this client."""
+        self._input_closed = True
+        request = Request(self, "", "", "1.1", CIMultiDictProxy(CIMultiDict()), 0, keep_alive=False)
+        request.refusal = error
+        self._start(request)
+
+    async def _serve(self, request: Request) -> None:
+        server = self.server
+        while True:
+            self.keep_alive = request.keep_alive and not self._closing
+            self._wrote = False
+            try:
+                response = await server.handler(request)
+            except asyncio.CancelledError:
+                self.abort()
+                raise
+            except Exception:
+                log.exception("request_failed", method=request.method, path=request.path[:200])
+                response = None
+            if self._lost:
+                return
+            if response is None:
+                if not self._wrote:
+                    await self._write_reply(request, json_response(
+                        {"error": "the gateway failed to handle the request", "code": "internal_error"}, 500))
+                self.abort()
+                return
+            if not response.prepared:
+                assert isinstance(response, Response)
+                await self._write_reply(request, response)
+            elif isinstance(response, StreamResponse):
+                await response.write_eof()
+            if request.refusal is not None or not request.content.complete:
+                self._linger_close()
+                return
+            if not self.keep_alive or self._lost:
+                self.close()
+                return
+            if not self._pending:
+                self._task = None
+                self.idle_since = self.loop.time()
+                if self._reading_paused and not self._input_closed:
+                    self._resume_reading()
+                return
+            request = self._pending.popleft()
+            if self._reading_paused and len(self._pending) <= MAX_PIPELINED and not self._input_closed:
+                self._resume_reading()
+
+    async def _write_reply(self, request: Request, response: Response) -> None:
+        body = response.body
+        headers = response.headers
+        headers[CONTENT_LENGTH] = str(len(body))
+        if DATE not in headers:
+            headers[DATE] = self.server.date()
+        head = self.encode_head(request, response.status, response.reason, headers)
+        no_body = request.method == "HEAD" or response.status in _NO_BODY_STATUSES
+        await self.write(head if no_body or not body else head + body)
+        response.prepared = True
+
+    def _linger_close(self) -> None:
+        """End a connection whose client may still be sending (a refused head, an unread body).
+
+        Closing a socket with unread bytes resets it, and the client's TCP stack may then drop the reply
+        before it is read: the reply is followed by a FIN, what still arrives is dropped, and the
+        connection closes when the client closes its side or after LINGER_S.
+        """
+        self._task = None
+        self._pending.clear()
+        self._input_closed = True
+        self._body = None
+        transport = self._transport
+        if transport is None:
+            return
+        self._linger = self.loop.call_later(LINGER_S, self.abort)
+        if transport.can_write_eof():
+            transport.write_eof()
+        self._reading_paused = False
+        transport.resume_reading()
+
+    def encode_head(self, request: Request, status: int, reason: str | None,
+                    headers: CIMultiDict[str]) -> bytes:
+        if reason is None:
+            reason = _REASONS.get(status, "")
+        if not request.content.complete:
+            self.keep_alive = False  # the rest of the body will be read and dropped, then the connection closed
+        lines = [f"HTTP/1.1 {status} {reason}\r\n"]
+        lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+        if not self.keep_alive:
+            lines.append("Connection: close\r\n")
+        elif request.version == "1.0":
+            lines.append("Connection: keep-alive\r\n")
+        lines.append("\r\n")
+        text = "".join(lines)
+        # A CR or LF inside a name or value would split the head: each line must end where we ended it.
+        if text.count("\n") != len(lines) or text.count("\r") != len(lines):
+            raise ValueError("a response header contains CR or LF")
+        return text.encode("utf-8", "surrogateescape")
+
+    # writing, for the responses
+
+    async def write(self, data: bytes) -> None:
+        transport = self._transport
+        if transport is None:
+            raise ConnectionResetError("the client closed the connection")
+        transport.write(data)
+        self._wrote = True
+        if self._write_waiter is not None:
+            await self._write_waiter
+            if self._lost:
+                raise ConnectionResetError("the client closed the connection")
+
+    def send_continue(self) -> None:
+        """RFC 9110 §10.1.1: tell a caller holding its body back to send it."""
+        if self._transport is not None:
+            self._transport.write(_CONTINUE)
+
+    def body_taken(self) -> None:
+        if self._reading_paused and not self._input_closed and len(self._pending) <= MAX_PIPELINED:
+            self._resume_reading()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self._transport is not None:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def _resume_reading(self) -> None:
+        if self._reading_paused and self._transport is not None:
+            self._reading_paused = False
+            self._transport.resume_reading()
+
+    def close(self) -> None:
+        self._input_closed = True
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+    # the drain
+
+    @property
+    def idle(self) -> bool:
+        return self._task is None and self._linger is None
+
+    def close_when_idle(self) -> None:
+        self._closing = True
+        if self._task is None:
+            self.close()
+
+    async def finish(self, timeout_s: float) -> None:
+        task = self._task
+        if task is not None:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await asyncio.shield(task)
+            except (TimeoutError, asyncio.CancelledError):
+                task.cancel()
+                await asyncio.wait([task], timeout=1.0)
+        self.abort()
+
+
+def _parser_message(exc: HttpParserError) -> str:
+    return str(exc).removeprefix("HPE_").split(":", 1)[-1].strip()[:200] or exc.__class__.__name__
+
+
+class Server:
+    """The protocol factory a BaseRunner's sites listen with (aiohttp's web.Server's part)."""
+
+    def __init__(self, handler: Handler, max_head_bytes: int) -> None:
+        self.handler = handler
+        self.max_head_bytes = max_head_bytes
+        self.connections: set[_Connection] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._second = 0
+        self._date = ""
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
+
+    def __call__(self) -> _Connection:
+        return _Connection(self)
+
+    def connected(self, connection: _Connection) -> None:
+        self.connections.add(connection)
+        if self._sweeper is None:
+            self._sweeper = self.loop.call_later(IDLE_TIMEOUT_S / 5, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections idle for IDLE_TIMEOUT_S: one timer for all, not one per request."""
+        self._sweeper = None
+        oldest = self.loop.time() - IDLE_TIMEOUT_S
+        for connection in list(self.connections):
+            if connection.idle_since < oldest and connection.idle:
+                connection.close()
+        if self.connections:
+            self._sweeper = self.loop.call_later(IDLE_TIMEOUT_S / 5, self._sweep)
+
+    def date(self) -> str:
+        """The Date header's value (RFC 9110 §6.6.1), formatted once a second."""
+        second = int(time.time())
+        if second != self._second:
+            self._second = second
+            self._date = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(second))
+        return self._date
+
+    def pre_shutdown(self) -> None:
+        for connection in list(self.connections):
+            connection.close_when_idle()
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109 (BaseRunner calls it so)
+        await asyncio.gather(*(connection.finish(timeout or 0.0) for connection in list(self.connections)))
+        self.connections.clear()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
