@@ -21,7 +21,7 @@ from yarl import URL
 
 from gateway.errors import BadUpstreamResponse
 from gateway.retry import retry_refused
-from gateway.upstream import Body
+from gateway.upstream import Body, Sink
 
 if TYPE_CHECKING:
     from gateway.config import Settings
@@ -90,6 +90,8 @@ class _Connection(asyncio.Protocol):
         self._buffered = 0
         self._reading_paused = False
         self._error: BaseException | None = None
+        self._sink: Sink | None = None
+        self._piped: list[bytes] = []
 
     # asyncio.Protocol
 
@@ -107,6 +109,8 @@ class _Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except HttpParserError as exc:
             self._fail(self._error or BadUpstreamResponse(f"invalid HTTP response: {exc}"))
+        if self._piped:
+            self._deliver_piped()
         if self._error is not None and self._transport is not None:
             self._transport.abort()
 
@@ -174,11 +178,13 @@ class _Connection(asyncio.Protocol):
         if self._complete:
             self._keep_alive = False  # bytes after a HEAD response: the connection is unusable
             return
+        if self._sink is not None:
+            self._piped.append(body)  # delivered once this read is parsed: one downstream write per read
+            return
         self._chunks.append(body)
         self._buffered += len(body)
-        if self._buffered > BUFFER_HIGH_BYTES and not self._reading_paused and self._transport is not None:
-            self._reading_paused = True
-            self._transport.pause_reading()
+        if self._buffered > BUFFER_HIGH_BYTES:
+            self._pause_reading()
         self._wake_body()
 
     def on_message_complete(self) -> None:
@@ -260,6 +266,30 @@ class _Connection(asyncio.Protocol):
             self._transport.resume_reading()
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self._transport is not None:
+            self._reading_paused = True
+            self._transport.pause_reading()
+
+    def resume(self) -> None:
+        if self._reading_paused and self._transport is not None:
+            self._reading_paused = False
+            self._transport.resume_reading()
+
+    def pipe(self, sink: Sink | None) -> None:
+        self._sink = sink
+        if sink is None or not self._chunks:
+            return
+        self._piped, self._chunks = self._chunks, []
+        self._buffered = 0
+        self.resume()
+        self._deliver_piped()
+
+    def _deliver_piped(self) -> None:
+        piped, self._piped = self._piped, []
+        if self._sink is not None and not self._sink(piped[0] if len(piped) == 1 else b"".join(piped)):
+            self._pause_reading()
+
     def arrived_body(self) -> bytes | None:
         if not self._complete or self._error is not None or self._reading_paused:
             return None
@@ -304,6 +334,16 @@ class Http1Response:
         if self._connection is None:
             return None
         return self._connection.arrived_body()
+
+    def pipe(self, sink: Sink | None) -> bool:
+        if self._connection is None:
+            return False
+        self._connection.pipe(sink)
+        return True
+
+    def resume(self) -> None:
+        if self._connection is not None:
+            self._connection.resume()
 
     def release(self) -> None:
         connection, self._connection = self._connection, None

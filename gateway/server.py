@@ -259,6 +259,23 @@ class StreamResponse:
             data, self._head = self._head + data, None
         await connection.write(data)
 
+    def write_nowait(self, data: bytes) -> bool:
+        """write() from a transport callback: no waiting. False while the client is slow to read:
+        stop, and go on when the `drained` callback (set with when_drained) is called."""
+        connection = self._connection
+        assert connection is not None, "prepare() first"
+        if self._no_body or not data:
+            return True
+        if self._chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        if self._head is not None:
+            data, self._head = self._head + data, None
+        return connection.write_nowait(data)
+
+    def when_drained(self, drained: Callable[[], None] | None) -> None:
+        assert self._connection is not None, "prepare() first"
+        self._connection.drained = drained
+
     async def write_eof(self) -> None:
         connection = self._connection
         if self._ended or connection is None:
@@ -278,6 +295,7 @@ class _Connection(asyncio.Protocol):
         self.server = server
         self.loop = server.loop
         self.keep_alive = True  # of the response being written; a reply or the client can end it
+        self.drained: Callable[[], None] | None = None  # called when writes may go on (write_nowait)
         self._parser = HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
         self._lost = False
@@ -351,6 +369,8 @@ class _Connection(asyncio.Protocol):
         waiter, self._write_waiter = self._write_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        if self.drained is not None and not self._lost:
+            self.drained()
 
     # httptools callbacks
 
@@ -515,6 +535,14 @@ class _Connection(asyncio.Protocol):
             await self._write_waiter
             if self._lost:
                 raise ConnectionResetError("the client closed the connection")
+
+    def write_nowait(self, data: bytes) -> bool:
+        transport = self._transport
+        if transport is None:
+            return True  # the client left: connection_lost cancels the handler, nothing to wait for
+        transport.write(data)
+        self._wrote = True
+        return self._write_waiter is None
 
     def send_continue(self) -> None:
         """RFC 9110 §10.1.1: tell a caller holding its body back to send it."""

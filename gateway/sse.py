@@ -9,7 +9,7 @@ Needs read_chunk() to be cancel-safe: a read cut by the keepalive timer loses no
 from __future__ import annotations
 
 import asyncio
-from typing import Final
+from typing import Any, Final
 
 import structlog
 
@@ -36,6 +36,10 @@ async def relay(
     stream = stream or OpenStream()
     task = asyncio.current_task()
     assert task is not None
+    if not keepalive_s:
+        if await _piped(upstream_response, downstream_response, exchange, stream, task):
+            await downstream_response.write_eof()
+            return
     tail = b"\n\n"  # the last bytes written, to know whether we are between events (at the start: yes)
     while not stream.closing:
         try:
@@ -68,3 +72,32 @@ async def relay(
     if stream.closing:
         log.info("sse_closed_by_drain", request_id=exchange.request_id)
     await downstream_response.write_eof()
+
+
+async def _piped(upstream_response: UpstreamResponse, downstream_response: StreamResponse, exchange: Exchange,
+                 stream: OpenStream, task: asyncio.Task[Any]) -> bool:
+    """Relay from the upstream transport's callback straight into the downstream one: no task wakes up
+    per event. This task only waits for the end (the upstream's, the drain's or the client's).
+    False if the transport cannot pipe (then relay() pumps)."""
+
+    def deliver(chunk: bytes) -> bool:
+        exchange.bytes_out += len(chunk)
+        return downstream_response.write_nowait(chunk)  # False: the client is slow, reading pauses
+
+    if not upstream_response.pipe(deliver):
+        return False
+    downstream_response.when_drained(upstream_response.resume)
+    stream.reader = task
+    try:
+        await upstream_response.read_chunk()  # b"" at the end: every byte went through deliver()
+    except asyncio.CancelledError:
+        if not stream.interrupted(task):
+            raise
+        log.info("sse_closed_by_drain", request_id=exchange.request_id)
+    except OSError:
+        exchange.upstream_failed("reset_mid_stream")  # the access log line records it
+    finally:
+        stream.reader = None
+        upstream_response.pipe(None)
+        downstream_response.when_drained(None)
+    return True

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from gateway.config import Settings
 
 Body = bytes | AsyncIterable[bytes] | None
+# Takes one body chunk; False when it cannot take more for now.
+Sink = Callable[[bytes], bool]
 
 
 class UpstreamResponse(Protocol):
@@ -36,6 +38,15 @@ class UpstreamResponse(Protocol):
 
     def arrived_body(self) -> bytes | None:
         """The whole body if it arrived complete with the head (a small reply), else None."""
+
+    def pipe(self, sink: Sink | None) -> bool:
+        """Hand each body chunk to sink from the transport's own callback, as it arrives, instead of
+        through read_chunk(), which then only waits for the end (b"") or raises. When sink returns
+        False its side is full: reading pauses until resume(). pipe(None) stops it. False when the
+        transport cannot (the caller pumps with read_chunk())."""
+
+    def resume(self) -> None:
+        """Read again after a sink said it was full."""
 
     def release(self) -> None:
         """Give the connection back to the pool, or close it if the body was not read to the end."""
@@ -73,6 +84,12 @@ class AiohttpResponse:
 
     def arrived_body(self) -> bytes | None:
         return None  # aiohttp's client is the compatibility path: its bodies are always pumped
+
+    def pipe(self, sink: Sink | None) -> bool:
+        return False
+
+    def resume(self) -> None:
+        pass
 
     def release(self) -> None:
         self._response.release()
