@@ -135,3 +135,35 @@ async def test_upstream_reset_mid_stream_ends_the_client_stream_after_the_last_e
         body = await resp.read()
 
     assert (resp.status, body) == (200, event(0))
+
+
+async def test_a_slow_reader_gets_every_byte_and_holds_the_upstream_back(
+    aiohttp_client: AiohttpClient, aiohttp_server: AiohttpServer
+) -> None:
+    total_events, written = 160_000, [0]  # 200 bytes each: 32 MB
+
+    async def flood(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for n in range(total_events):
+            await response.write(f"data: {n:0190d}\n\n".encode())
+            written[0] += 1
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/sse", flood)
+    server = await aiohttp_server(app)
+    gateway = await serve_gateway(aiohttp_client)
+
+    async with asyncio.timeout(30):
+        resp = await gateway.get("/sse", headers={MCP_PROXY_URL: str(server.make_url(""))})
+        received = bytearray(await resp.content.readexactly(1_000_000))
+        await asyncio.sleep(0.5)  # the reader stalls: the gateway must stop reading the upstream
+        ahead = written[0] * 200 - len(received)
+        received += await resp.read()
+
+    expected = b"".join(f"data: {n:0190d}\n\n".encode() for n in range(total_events))
+    assert len(received) == len(expected) and received == expected
+    # Socket buffers on both sides and the gateway's own hold a few MB at most, not the 31 MB left.
+    assert ahead < 16_000_000, f"the upstream ran {ahead} bytes ahead of a stalled reader"
