@@ -532,3 +532,25 @@ async def test_metrics_scrape_sees_requests_finished_in_the_same_loop_pass() -> 
     metrics.observe("GET", "/mcp", 200, "", 3.0, exchange, 0)
     text = metrics.exposition().decode()
     assert samples(text, "aenv_api_mcp_requests_total") == {request_labels("GET", "/mcp", "", 200): 1.0}
+
+
+async def test_a_request_the_parser_refuses_is_answered_logged_and_counted(
+    upstream: Upstream, aiohttp_client: AiohttpClient, log_stream: io.StringIO
+) -> None:
+    observed = await observed_gateway(aiohttp_client)
+    reader, writer = await asyncio.open_connection("127.0.0.1", observed.gateway.port)
+    try:
+        writer.write(b"GET /mcp HTTP/1.1\r\nHost: gw\r\nBad Header: x\r\n\r\n")  # a space in a field name
+        async with asyncio.timeout(5):
+            reply = await reader.read()  # the gateway closes after answering
+    finally:
+        writer.close()
+
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ")
+    assert json.loads(body)["code"] == "bad_request"
+    assert samples(await observed.metrics(), "aenv_gateway_refused_requests_total") == {
+        (("reason", "bad_request"), ("status", "400")): 1.0}
+    [line] = access_lines(log_stream)
+    assert (line["status"], line["outcome"], line["code"]) == (400, "refused", "bad_request")
+    assert upstream.seen == []
