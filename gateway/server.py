@@ -26,6 +26,7 @@ import json
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import suppress
 from http import HTTPStatus
 from typing import Any, Final, cast
 from urllib.parse import unquote
@@ -92,7 +93,8 @@ class RequestBody:
         return b"".join(parts)
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        """Each batch of body bytes as it arrives; raises ConnectionResetError if the client leaves mid-body."""
+        """Each batch of body bytes as it arrives; raises ConnectionResetError if the client leaves mid-body,
+        BadRequest if what it sends is not a valid body."""
         while True:
             if self._chunks:
                 yield self.arrived()
@@ -175,6 +177,8 @@ class Request:
         path = self._path
         if path is None:
             path = self.raw_path.partition("?")[0]
+            if not path.startswith("/") and "://" in path:  # absolute-form (RFC 9112 §3.2.2): the URL's path
+                path = "/" + path.partition("://")[2].partition("/")[2]
             if "%" in path:
                 path = unquote(path)
             self._path = path
@@ -306,6 +310,7 @@ class _Connection(asyncio.Protocol):
         self._write_waiter: asyncio.Future[None] | None = None
         self._reading_paused = False
         self._linger: asyncio.TimerHandle | None = None
+        self._lost_waiter: asyncio.Future[None] | None = None  # the drain waits on it for a close to finish
         self._wrote = False  # of the current response: whether any byte went out
         self.idle_since = self.loop.time()
         # the request being parsed
@@ -315,6 +320,8 @@ class _Connection(asyncio.Protocol):
         self._headers: list[tuple[str, str]] = []
         self._header_bytes = 0
         self._body: RequestBody | None = None
+        # the framing of an Upgrade request's body, which llhttp skips (see data_received)
+        self._upgrade_framing: bytes | None = None
 
     # asyncio.Protocol
 
@@ -332,14 +339,19 @@ class _Connection(asyncio.Protocol):
             # An Upgrade (h2c, websocket) we do not take up: the request is answered as any other, and
             # what follows it is HTTP/1.1 again (RFC 9110 §7.8: the server may ignore Upgrade).
             self._parser = HttpRequestParser(self)
+            if self._upgrade_framing is not None:
+                # llhttp stopped at the end of the head, leaving the body unparsed: a parser primed with
+                # a head of the same framing reads it into the request's body (on_headers_complete).
+                self._parser.feed_data(b"POST / HTTP/1.1\r\n%b\r\n\r\n" % self._upgrade_framing)
             offset = upgrade.args[0] if upgrade.args and isinstance(upgrade.args[0], int) else len(data)
             if offset < len(data):
                 self.data_received(data[offset:])
         except HttpParserError as exc:
+            message = f"malformed HTTP request: {_parser_message(exc)}"
             if self._body is not None:  # a broken chunked body: its request is already being answered
-                self._body._fail(ConnectionResetError("the request body is malformed"))
+                self._body._fail(BadRequest(message))  # the caller's fault (400), not an OSError (502)
                 self._body = None
-            self._refuse(BadRequest(f"malformed HTTP request: {_parser_message(exc)}"))
+            self._refuse(BadRequest(message))
             return
         if in_head and self._in_head:  # all of it inside one head, which httptools holds until it ends
             self._raw_head_bytes += len(data)
@@ -361,6 +373,8 @@ class _Connection(asyncio.Protocol):
         if self._task is not None:
             self._task.cancel()
         self.resume_writing()
+        if self._lost_waiter is not None and not self._lost_waiter.done():
+            self._lost_waiter.set_result(None)
 
     def pause_writing(self) -> None:
         self._write_waiter = self.loop.create_future()
@@ -394,6 +408,9 @@ class _Connection(asyncio.Protocol):
         parser = self._parser
         self._in_head = False
         self._raw_head_bytes = 0
+        if self._upgrade_framing is not None:  # the stand-in head fed after an Upgrade (data_received):
+            self._upgrade_framing = None  # what follows is the Upgrade request's body, still self._body
+            return
         headers = CIMultiDictProxy(CIMultiDict(self._headers))
         request = Request(self, parser.get_method().decode("ascii"), self._url.decode("utf-8", "surrogateescape"),
                           parser.get_http_version(), headers, self._header_bytes, parser.should_keep_alive())
@@ -402,6 +419,9 @@ class _Connection(asyncio.Protocol):
             request.content_length = int(length)  # llhttp accepted it: digits only
         if request.content_length or TRANSFER_ENCODING in headers:
             request.content = self._body = RequestBody(self)
+            if parser.should_upgrade():  # llhttp will skip this body: data_received reads it
+                self._upgrade_framing = (b"Transfer-Encoding: chunked" if request.content_length is None
+                                         else b"Content-Length: %d" % request.content_length)
         self._start(request)
 
     def on_body(self, body: bytes) -> None:
@@ -410,6 +430,8 @@ class _Connection(asyncio.Protocol):
             self._pause_reading()
 
     def on_message_complete(self) -> None:
+        if self._upgrade_framing is not None:  # the end of an Upgrade request's head, its body skipped
+            return
         current, self._body = self._body, None
         if current is not None:
             current._end()
@@ -446,21 +468,26 @@ class _Connection(asyncio.Protocol):
                 response = None
             if self._lost:
                 return
+            try:
+                if response is None:
+                    pass
+                elif not response.prepared:
+                    assert isinstance(response, Response)
+                    await self._write_reply(request, response)
+                elif isinstance(response, StreamResponse):
+                    await response.write_eof()
+            except Exception:
+                if self._lost:  # the client left while the reply was being written
+                    return
+                log.exception("response_failed", method=request.method, path=request.path[:200])
+                response = None
             if response is None:
-                if not self._wrote:
-                    await self._write_reply(request, json_response(
-                        {"error": "the gateway failed to handle the request", "code": "internal_error"}, 500))
-                self.abort()
+                await self._answer_failure(request)
                 return
-            if not response.prepared:
-                assert isinstance(response, Response)
-                await self._write_reply(request, response)
-            elif isinstance(response, StreamResponse):
-                await response.write_eof()
             if request.refusal is not None or not request.content.complete:
                 self._linger_close()
                 return
-            if not self.keep_alive or self._lost:
+            if not self.keep_alive or self._lost or self._closing:
                 self.close()
                 return
             if not self._pending:
@@ -472,6 +499,16 @@ class _Connection(asyncio.Protocol):
             request = self._pending.popleft()
             if self._reading_paused and len(self._pending) <= MAX_PIPELINED and not self._input_closed:
                 self._resume_reading()
+
+    async def _answer_failure(self, request: Request) -> None:
+        """The handler or its reply failed: a 500 if no byte of the reply went out, else the reply is cut."""
+        if self._wrote:
+            self.abort()  # a reply cut short must not pass for whole
+            return
+        self.keep_alive = False
+        await self._write_reply(request, json_response(
+            {"error": "the gateway failed to handle the request", "code": "internal_error"}, 500))
+        self._linger_close()
 
     async def _write_reply(self, request: Request, response: Response) -> None:
         body = response.body
@@ -582,16 +619,28 @@ class _Connection(asyncio.Protocol):
         self._closing = True
         if self._task is None:
             self.close()
+        else:
+            self.keep_alive = False  # the reply in progress says Connection: close if its head is not out yet
 
     async def finish(self, timeout_s: float) -> None:
+        deadline = self.loop.time() + timeout_s
         task = self._task
         if task is not None:
             try:
-                async with asyncio.timeout(timeout_s):
+                async with asyncio.timeout_at(deadline):
                     await asyncio.shield(task)
             except (TimeoutError, asyncio.CancelledError):
                 task.cancel()
                 await asyncio.wait([task], timeout=1.0)
+            except Exception:  # _serve logged it
+                pass
+        if self._transport is not None and not self._lost:
+            # What the last reply left in the transport's buffer still goes out, within the time left.
+            self._lost_waiter = lost = self.loop.create_future()
+            self.close()
+            with suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await lost
         self.abort()
 
 
