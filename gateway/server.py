@@ -513,11 +513,13 @@ class _Connection(asyncio.Protocol):
     async def _write_reply(self, request: Request, response: Response) -> None:
         body = response.body
         headers = response.headers
-        headers[CONTENT_LENGTH] = str(len(body))
+        status = response.status
+        if status not in _NO_BODY_STATUSES and status >= 200:  # RFC 9110 §8.6: never on 1xx and 204
+            headers[CONTENT_LENGTH] = str(len(body))
         if DATE not in headers:
             headers[DATE] = self.server.date()
-        head = self.encode_head(request, response.status, response.reason, headers)
-        no_body = request.method == "HEAD" or response.status in _NO_BODY_STATUSES
+        head = self.encode_head(request, status, response.reason, headers)
+        no_body = request.method == "HEAD" or status in _NO_BODY_STATUSES or status < 200
         await self.write(head if no_body or not body else head + body)
         response.prepared = True
 
@@ -632,6 +634,9 @@ class _Connection(asyncio.Protocol):
             except (TimeoutError, asyncio.CancelledError):
                 task.cancel()
                 await asyncio.wait([task], timeout=1.0)
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the drain itself was cancelled, not only the handler
             except Exception:  # _serve logged it
                 pass
         if self._transport is not None and not self._lost:
