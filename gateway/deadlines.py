@@ -87,7 +87,8 @@ class IdleTimeout:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self._deadlines._due.pop(self, None)
+        task, self._task = self._task, None  # a traceback may keep this object: no cycle back to the task
         # As asyncio.Timeout does: our cancel becomes TimeoutError, anyone else's stays a cancellation.
-        if self._expired and self._task is not None and self._task.uncancel() <= self._cancelling \
+        if self._expired and task is not None and task.uncancel() <= self._cancelling \
                 and exc_type is asyncio.CancelledError:
             raise TimeoutError from exc

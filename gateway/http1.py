@@ -131,6 +131,9 @@ class _Connection(asyncio.Protocol):
                 self._complete = True
                 self._wake_body()
         self.resume_writing()  # a writer waiting for room finds the connection lost
+        # The parser refers back to this connection: without the cycle, reference counting frees it.
+        del self._parser
+        self._sink = None
 
     def pause_writing(self) -> None:
         self._write_waiter = self._loop.create_future()

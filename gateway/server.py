@@ -363,15 +363,22 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        self._input_closed = True
         self._transport = None
         self.server.connections.discard(self)
         if self._linger is not None:
             self._linger.cancel()
         if self._body is not None:
             self._body._fail(ConnectionResetError("the client closed the connection mid-body"))
+        # Break the reference cycles through this connection (its parser's callbacks, the body
+        # being read, the task serving it), so that reference counting frees it at once: the
+        # garbage collector runs seldom (cli.settle_garbage_collector) and would free it late.
+        del self._parser
+        self._body = None
         self._pending.clear()
-        if self._task is not None:
-            self._task.cancel()
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
         self.resume_writing()
         if self._lost_waiter is not None and not self._lost_waiter.done():
             self._lost_waiter.set_result(None)

@@ -36,46 +36,51 @@ async def relay(
     stream = stream or OpenStream()
     task = asyncio.current_task()
     assert task is not None
-    if not keepalive_s:
-        if await _piped(upstream_response, downstream_response, exchange, stream, task):
-            await downstream_response.write_eof()
-            return
-    tail = b"\n\n"  # the last bytes written, to know whether we are between events (at the start: yes)
-    while not stream.closing:
-        try:
-            if keepalive_s:
-                async with asyncio.timeout(keepalive_s) as stream.timer:
+    try:
+        if not keepalive_s:
+            if await _piped(upstream_response, downstream_response, exchange, stream, task):
+                await downstream_response.write_eof()
+                return
+        tail = b"\n\n"  # the last bytes written, to know whether we are between events (at the start: yes)
+        while not stream.closing:
+            try:
+                if keepalive_s:
+                    async with asyncio.timeout(keepalive_s) as stream.timer:
+                        chunk = await upstream_response.read_chunk()
+                else:  # no timer per read (each would cost a timer handle and a getpid()): the drain cancels
+                    stream.reader = task
                     chunk = await upstream_response.read_chunk()
-            else:  # no timer per read (each would cost a timer handle and a getpid()): the drain cancels
-                stream.reader = task
-                chunk = await upstream_response.read_chunk()
-        except TimeoutError:
-            if not stream.closing and tail.endswith(_EVENT_ENDS):
-                await downstream_response.write(KEEPALIVE)
-            continue
-        except asyncio.CancelledError:
-            if stream.interrupted(task):
-                break  # the drain's: end the stream cleanly below
-            raise
-        except OSError:
-            exchange.upstream_failed("reset_mid_stream")  # the access log line records it
-            break
-        finally:
-            stream.timer = None
-            stream.reader = None
-        if not chunk:
-            break
-        exchange.bytes_out += len(chunk)
-        await downstream_response.write(chunk)  # raises ConnectionResetError once the client left
-        if keepalive_s:  # only a keepalive needs to know whether we stopped between events
-            tail = (tail + chunk)[-4:] if len(chunk) < 4 else chunk[-4:]
-    if stream.closing:
-        log.info("sse_closed_by_drain", request_id=exchange.request_id)
-    await downstream_response.write_eof()
+            except TimeoutError:
+                if not stream.closing and tail.endswith(_EVENT_ENDS):
+                    await downstream_response.write(KEEPALIVE)
+                continue
+            except asyncio.CancelledError:
+                if stream.interrupted(task):
+                    break  # the drain's: end the stream cleanly below
+                raise
+            except OSError:
+                exchange.upstream_failed("reset_mid_stream")  # the access log line records it
+                break
+            finally:
+                stream.timer = None
+                stream.reader = None
+            if not chunk:
+                break
+            exchange.bytes_out += len(chunk)
+            await downstream_response.write(chunk)  # raises ConnectionResetError once the client left
+            if keepalive_s:  # only a keepalive needs to know whether we stopped between events
+                tail = (tail + chunk)[-4:] if len(chunk) < 4 else chunk[-4:]
+        if stream.closing:
+            log.info("sse_closed_by_drain", request_id=exchange.request_id)
+        await downstream_response.write_eof()
+    finally:
+        # A cancellation's traceback keeps this frame: without the task in it, no reference cycle
+        # (task, exception, traceback, frame, task) waits for the garbage collector.
+        task = None
 
 
 async def _piped(upstream_response: UpstreamResponse, downstream_response: StreamResponse, exchange: Exchange,
-                 stream: OpenStream, task: asyncio.Task[Any]) -> bool:
+                 stream: OpenStream, task: asyncio.Task[Any] | None) -> bool:
     """Relay from the upstream transport's callback straight into the downstream one: no task wakes up
     per event. This task only waits for the end (the upstream's, the drain's or the client's).
     False if the transport cannot pipe (then relay() pumps)."""
@@ -84,6 +89,7 @@ async def _piped(upstream_response: UpstreamResponse, downstream_response: Strea
         exchange.bytes_out += len(chunk)
         return downstream_response.write_nowait(chunk)  # False: the client is slow, reading pauses
 
+    assert task is not None
     if not upstream_response.pipe(deliver):
         return False
     downstream_response.when_drained(upstream_response.resume)
@@ -100,4 +106,5 @@ async def _piped(upstream_response: UpstreamResponse, downstream_response: Strea
         stream.reader = None
         upstream_response.pipe(None)
         downstream_response.when_drained(None)
+        task = None  # no reference cycle through this frame (relay() says why)
     return True
