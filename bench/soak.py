@@ -53,7 +53,7 @@ async def serve_with_stats(argv: list[str], stats_path: str, gateway_root: str) 
     from gateway.log import configure_logging
 
     settings = load_settings(argv, os.environ)
-    configure_logging(level="error", json_format=True)
+    configure_logging("json", "error")
 
     async def report() -> None:
         while True:
