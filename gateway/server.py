@@ -36,6 +36,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
 from gateway.errors import BadRequest, GatewayError, HeadersTooLarge
+from gateway.headers import CONTENT_TYPE
 
 log = structlog.get_logger(__name__)
 
@@ -54,9 +55,7 @@ LINGER_S: Final = 10.0
 
 CONTENT_LENGTH: Final = istr("Content-Length")
 TRANSFER_ENCODING: Final = istr("Transfer-Encoding")
-CONTENT_TYPE: Final = istr("Content-Type")
 DATE: Final = istr("Date")
-_CONNECTION: Final = istr("Connection")
 _EXPECT: Final = istr("Expect")
 # RFC 9110 §6.4.1: these responses carry no body, whatever their headers say.
 _NO_BODY_STATUSES: Final = frozenset({204, 304})
