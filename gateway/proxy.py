@@ -26,14 +26,12 @@ from gateway.headers import (
 )
 from gateway.limits import Limits
 from gateway.metrics import Metrics
-from gateway.server import Request, Response, StreamResponse, json_response
+from gateway.server import NO_BODY_STATUSES, Request, Response, StreamResponse, json_response
 from gateway.upstream import Body, UpstreamClient, UpstreamResponse
 from gateway.via import VIA
 
 # Bodies up to this size are read whole and sent in one write; larger ones stream.
 SMALL_BODY_BYTES: Final = 64 * 1024
-# Statuses whose responses carry no body whatever their headers say (RFC 9110 §6.4.1).
-_NO_BODY: Final = frozenset({204, 304})
 
 
 @dataclass(slots=True)
@@ -95,7 +93,7 @@ class Proxy:
         event_stream = is_event_stream(upstream_response.headers.get(CONTENT_TYPE))
         stream = self.limits.admit_stream(exchange) if event_stream else None  # 503 over --max-streams
         downstream_headers = downstream_response_headers(upstream_response.headers)
-        if not event_stream and request.method != "HEAD" and upstream_response.status not in _NO_BODY:
+        if not event_stream and request.method != "HEAD" and upstream_response.status not in NO_BODY_STATUSES:
             body = upstream_response.arrived_body()
             if body is not None:  # a small reply, complete: head and body go out in one write
                 exchange.status = upstream_response.status

@@ -58,7 +58,7 @@ TRANSFER_ENCODING: Final = istr("Transfer-Encoding")
 DATE: Final = istr("Date")
 _EXPECT: Final = istr("Expect")
 # RFC 9110 §6.4.1: these responses carry no body, whatever their headers say.
-_NO_BODY_STATUSES: Final = frozenset({204, 304})
+NO_BODY_STATUSES: Final = frozenset({204, 304})
 _REASONS: Final = {status.value: status.phrase for status in HTTPStatus}
 _CONTINUE: Final = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -136,7 +136,7 @@ class RequestBody:
             waiter.set_result(None)
 
 
-_NO_BODY: Final = RequestBody(None)
+_EMPTY_BODY: Final = RequestBody(None)
 
 
 class Request:
@@ -166,7 +166,7 @@ class Request:
         self.header_bytes = header_bytes  # every header line as "name: value\r\n"
         self.keep_alive = keep_alive
         self.content_length: int | None = None
-        self.content = _NO_BODY
+        self.content = _EMPTY_BODY
         self.refusal: GatewayError | None = None
         self._path: str | None = None
 
@@ -185,7 +185,7 @@ class Request:
 
     @property
     def body_exists(self) -> bool:
-        return self.content is not _NO_BODY
+        return self.content is not _EMPTY_BODY
 
     def expects_continue(self) -> bool:
         return self.version == "1.1" and self.headers.get(_EXPECT, "").lower() == "100-continue"
@@ -237,7 +237,7 @@ class StreamResponse:
     async def prepare(self, request: Request) -> None:
         connection = self._connection = request.connection
         headers = self.headers
-        self._no_body = request.method == "HEAD" or self.status in _NO_BODY_STATUSES or self.status < 200
+        self._no_body = request.method == "HEAD" or self.status in NO_BODY_STATUSES or self.status < 200
         if not self._no_body and CONTENT_LENGTH not in headers:
             if request.version == "1.1":
                 headers[TRANSFER_ENCODING] = "chunked"
@@ -520,12 +520,12 @@ class _Connection(asyncio.Protocol):
         body = response.body
         headers = response.headers
         status = response.status
-        if status not in _NO_BODY_STATUSES and status >= 200:  # RFC 9110 §8.6: never on 1xx and 204
+        if status not in NO_BODY_STATUSES and status >= 200:  # RFC 9110 §8.6: never on 1xx and 204
             headers[CONTENT_LENGTH] = str(len(body))
         if DATE not in headers:
             headers[DATE] = self.server.date()
         head = self.encode_head(request, status, response.reason, headers)
-        no_body = request.method == "HEAD" or status in _NO_BODY_STATUSES or status < 200
+        no_body = request.method == "HEAD" or status in NO_BODY_STATUSES or status < 200
         await self.write(head if no_body or not body else head + body)
         response.prepared = True
 
