@@ -5,8 +5,10 @@
     ├── BadRequest              400  the request is not valid HTTP/1.1 (the server's parser refused it)
     ├── MissingHeader           400  the engine's routing header is absent
     ├── MalformedHeader         400  a routing header is present but unusable
-    ├── MalformedPath           400  a path that would climb out of its target (dot segments)
+    ├── MalformedPath           400  a path that would climb out of its target, or an unparsable absolute-form URL
     ├── DataPlaneUnsupported    501  arca reject mode; body is the aenv envelope the SDK parses
+    ├── UnsupportedRequest      501  CONNECT or an asterisk-form target (OPTIONS *): nothing to forward
+    ├── VersionNotSupported     505  an HTTP version other than 1.0 and 1.1 in the request line
     ├── UpstreamUnreachable     502  refused, reset or unresolvable before a response
     ├── UpstreamBroken          502  the upstream answered with something that is not HTTP
     ├── UpstreamTimeout         504  no connection or no response headers in time
@@ -90,6 +92,20 @@ class DataPlaneUnsupported(GatewayError):
 
     def body(self) -> dict[str, Any]:
         return {"success": False, "code": self.status, "message": self.message, "data": None}
+
+
+class UnsupportedRequest(GatewayError):
+    """CONNECT (a tunnel) or OPTIONS * (a question about the gateway itself): never forwarded."""
+
+    status = 501
+    code = "unsupported_request"
+    closes_connection = True  # a tunnel's bytes may follow the head
+
+
+class VersionNotSupported(GatewayError):
+    status = 505
+    code = "version_not_supported"
+    closes_connection = True
 
 
 class UpstreamUnreachable(GatewayError):

@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Final, cast
 
-from httptools import HttpParserError, HttpResponseParser
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -58,6 +58,10 @@ class _NothingWritten(_StaleConnection):
     """A reused connection was found closed before a byte of the request was written."""
 
 
+class _PastTheEnd(Exception):
+    """Raised from a parser callback to stop parsing: bytes follow a response that has ended."""
+
+
 class _Connection(asyncio.Protocol):
     """One upstream TCP connection and the exchange in flight on it; httptools calls the on_* methods."""
 
@@ -68,7 +72,7 @@ class _Connection(asyncio.Protocol):
         self.lost = False
         self.idle = False
         self._loop = loop
-        self._parser = HttpResponseParser(self)
+        self._parser = HttpResponseParser(self)  # one per exchange: begin() makes the next
         self._transport: asyncio.Transport | None = None
         self._write_waiter: asyncio.Future[None] | None = None
         self._reset_exchange(head_request=False)
@@ -92,6 +96,7 @@ class _Connection(asyncio.Protocol):
         self._error: BaseException | None = None
         self._sink: Sink | None = None
         self._piped: list[bytes] = []
+        self._overrun = False  # bytes arrived past the end of the response
 
     # asyncio.Protocol
 
@@ -107,11 +112,16 @@ class _Connection(asyncio.Protocol):
         self._got_bytes = True
         try:
             self._parser.feed_data(data)
-        except HttpParserError as exc:
-            self._fail(self._error or BadUpstreamResponse(f"invalid HTTP response: {exc}"))
+        except (HttpParserError, HttpParserUpgrade) as exc:  # an upgrade only after a 101, refused on its head
+            if self._complete and self._error is None:
+                self._past_the_end()  # the response stands as it was; what followed it ends the connection
+            elif self._headers_done:  # a body that broke off mid-way: cut for the caller, as a reset is
+                self._fail(self._error or ConnectionResetError(f"upstream sent an invalid body: {exc}"))
+            else:
+                self._fail(self._error or BadUpstreamResponse(f"invalid HTTP response: {exc}"))
         if self._piped:
             self._deliver_piped()
-        if self._error is not None and self._transport is not None:
+        if (self._error is not None or self._overrun) and self._transport is not None:
             self._transport.abort()
 
     def eof_received(self) -> bool:
@@ -125,7 +135,8 @@ class _Connection(asyncio.Protocol):
             else:
                 self._fail(ConnectionResetError("upstream closed the connection before responding"))
         elif not self._complete:
-            if self._length_delimited:
+            if self._length_delimited or exc is not None:
+                # A reset proves nothing about the end of a body that ends with the connection: cut it.
                 self._fail(ConnectionResetError("upstream closed the connection mid-body"))
             else:  # RFC 9112 §6.3: no length and not chunked, the body ends when the connection does
                 self._complete = True
@@ -146,7 +157,11 @@ class _Connection(asyncio.Protocol):
     # httptools callbacks
 
     def on_message_begin(self) -> None:
-        self._raw_headers = []
+        if self._complete:  # a response has ended: nothing that follows belongs to this exchange
+            raise _PastTheEnd
+        self._raw_headers = []  # a head's reason and fields come from that head alone (not a 1xx before it)
+        self._reason = b""
+        self._head_bytes = 0
 
     def on_status(self, status: bytes) -> None:
         self._reason += status
@@ -160,27 +175,23 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
-        if 100 <= status < 200 and status != 101:  # 1xx (100 Continue, 103): skip, the answer follows
-            self._reason = b""
-            self._head_bytes = 0
+        if status == 101:  # the gateway never forwards Upgrade: switching protocols was not asked for
+            raise self._refuse("the upstream switched protocols (101) on a request that did not ask to upgrade")
+        if status < 200:  # 1xx (100 Continue, 103): interim, skipped; the answer follows
             return
-        if self._headers_done:  # bytes after a complete response on the same connection
-            raise self._refuse("the upstream sent more than one response")
         self._status = status
         self._headers_done = True
         names = {name.lower() for name, _ in self._raw_headers}
         self._length_delimited = "content-length" in names or "transfer-encoding" in names
-        if self._head_request or status == 101:
-            # llhttp does not know the request was HEAD: the next response needs a fresh parser.
+        if self._head_request:
+            # llhttp does not know the request was HEAD and waits for a body; begin() replaces it.
             self._complete = True
-            self._keep_alive = status != 101 and self._parser.should_keep_alive()
-            self._parser = HttpResponseParser(self)
+            self._keep_alive = self._parser.should_keep_alive()
         self._wake(self._head_waiter)
 
     def on_body(self, body: bytes) -> None:
-        if self._complete:
-            self._keep_alive = False  # bytes after a HEAD response: the connection is unusable
-            return
+        if self._complete:  # a body after a HEAD response
+            raise _PastTheEnd
         if self._sink is not None:
             self._piped.append(body)  # delivered once this read is parsed: one downstream write per read
             return
@@ -198,6 +209,11 @@ class _Connection(asyncio.Protocol):
         self._wake_body()
 
     # the exchange, driven by Http1Client and Http1Response
+
+    def _past_the_end(self) -> None:
+        """Bytes followed a complete response: the response stands, the connection is never reused."""
+        self._overrun = True
+        self._keep_alive = False
 
     def _count_head(self, size: int) -> None:
         self._head_bytes += size
@@ -248,7 +264,7 @@ class _Connection(asyncio.Protocol):
         return CIMultiDictProxy(CIMultiDict(self._raw_headers))
 
     def response_reason(self) -> str:
-        return self._reason.decode("latin-1")
+        return self._reason.decode("utf-8", "surrogateescape")  # encoded back the same way: the bytes it was
 
     @property
     def status(self) -> int:
@@ -301,10 +317,13 @@ class _Connection(asyncio.Protocol):
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def reusable(self) -> bool:
-        return self._complete and self._keep_alive and self._error is None and not self.lost and not self._chunks
+        return (self._complete and self._keep_alive and self._error is None and not self._overrun
+                and not self.lost and not self._chunks)
 
     def begin(self, head_request: bool) -> None:
         self.idle = False
+        if self.reused:  # a fresh parser: no state of the last exchange's can reach this one
+            self._parser = HttpResponseParser(self)
         self._reset_exchange(head_request)
 
     def close(self) -> None:
@@ -531,7 +550,7 @@ def _encode_head(method: str, url: URL, host: str, port: int, headers: Mapping[s
     elif isinstance(body, bytes):
         lines.append(f"Content-Length: {len(body)}\r\n")
     elif content_length is not None:
-        lines.append(f"Content-Length: {content_length}\r\n")
+        lines.append(f"Content-Length: {int(content_length)}\r\n")  # canonical: no leading zeros
     else:
         lines.append("Transfer-Encoding: chunked\r\n")
     lines.append("\r\n")

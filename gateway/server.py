@@ -35,7 +35,7 @@ import structlog
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 from multidict import CIMultiDict, CIMultiDictProxy, istr
 
-from gateway.errors import BadRequest, GatewayError, HeadersTooLarge
+from gateway.errors import BadRequest, GatewayError, HeadersTooLarge, UnsupportedRequest, VersionNotSupported
 from gateway.headers import CONTENT_TYPE
 
 log = structlog.get_logger(__name__)
@@ -57,6 +57,7 @@ CONTENT_LENGTH: Final = istr("Content-Length")
 TRANSFER_ENCODING: Final = istr("Transfer-Encoding")
 DATE: Final = istr("Date")
 _EXPECT: Final = istr("Expect")
+_HOST: Final = istr("Host")
 # RFC 9110 §6.4.1: these responses carry no body, whatever their headers say.
 NO_BODY_STATUSES: Final = frozenset({204, 304})
 _REASONS: Final = {status.value: status.phrase for status in HTTPStatus}
@@ -335,6 +336,8 @@ class _Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade as upgrade:
+            if self._input_closed:  # a CONNECT, refused: what follows is the tunnel's, never parsed
+                return
             # An Upgrade (h2c, websocket) we do not take up: the request is answered as any other, and
             # what follows it is HTTP/1.1 again (RFC 9110 §7.8: the server may ignore Upgrade).
             self._parser = HttpRequestParser(self)
@@ -418,16 +421,25 @@ class _Connection(asyncio.Protocol):
             self._upgrade_framing = None  # what follows is the Upgrade request's body, still self._body
             return
         headers = CIMultiDictProxy(CIMultiDict(self._headers))
+        length = headers.get(CONTENT_LENGTH)
+        if length is not None and length != str(int(length)):  # llhttp accepted it: digits, maybe leading zeros
+            headers = _canonical_length(headers, int(length))  # the upstream gets the length in one form only
         request = Request(self, parser.get_method().decode("ascii"), self._url.decode("utf-8", "surrogateescape"),
                           parser.get_http_version(), headers, self._header_bytes, parser.should_keep_alive())
-        length = headers.get(CONTENT_LENGTH)
         if length is not None:
-            request.content_length = int(length)  # llhttp accepted it: digits only
-        if request.content_length or TRANSFER_ENCODING in headers:
+            request.content_length = int(length)
+        chunked = TRANSFER_ENCODING in headers
+        if request.content_length or chunked:
             request.content = self._body = RequestBody(self)
             if parser.should_upgrade():  # llhttp will skip this body: data_received reads it
                 self._upgrade_framing = (b"Transfer-Encoding: chunked" if request.content_length is None
                                          else b"Content-Length: %d" % request.content_length)
+        refusal = _refused_form(request)
+        if refusal is not None:
+            request.refusal = refusal
+            self._input_closed = True  # a CONNECT's tunnel bytes, or anything after a request we cannot trust
+        elif chunked and request.version == "1.0":
+            request.keep_alive = False  # RFC 9112 §6.1: the framing may be faulty, close after the reply
         self._start(request)
 
     def on_body(self, body: bytes) -> None:
@@ -555,6 +567,9 @@ class _Connection(asyncio.Protocol):
             reason = _REASONS.get(status, "")
         if not request.content.complete:
             self.keep_alive = False  # the rest of the body will be read and dropped, then the connection closed
+        if (status in NO_BODY_STATUSES or status < 200) and (CONTENT_LENGTH in headers or TRANSFER_ENCODING in headers):
+            headers.popall(CONTENT_LENGTH, None)  # RFC 9110 §8.6, §6.4.1: no body, so no framing of one
+            headers.popall(TRANSFER_ENCODING, None)
         lines = [f"HTTP/1.1 {status} {reason}\r\n"]
         lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
         if not self.keep_alive:
@@ -653,6 +668,27 @@ class _Connection(asyncio.Protocol):
                 async with asyncio.timeout_at(deadline):
                     await lost
         self.abort()
+
+
+def _refused_form(request: Request) -> GatewayError | None:
+    """What RFC 9110/9112 make us refuse in a request that parsed: a version, a missing Host, a tunnel."""
+    version = request.version
+    if version != "1.1" and version != "1.0":
+        return VersionNotSupported(f"HTTP/{version} is not supported: send HTTP/1.1")
+    if version == "1.1" and len(request.headers.getall(_HOST, ())) != 1:  # RFC 9112 §3.2: exactly one
+        return BadRequest("an HTTP/1.1 request needs exactly one Host header")
+    if request.method == "CONNECT":
+        return UnsupportedRequest("CONNECT is not supported: the gateway forwards requests, it opens no tunnels")
+    if request.raw_path == "*":
+        return UnsupportedRequest("an asterisk-form request (OPTIONS *) is about the gateway itself and is not "
+                                  "forwarded: send OPTIONS with a path")
+    return None
+
+
+def _canonical_length(headers: CIMultiDictProxy[str], length: int) -> CIMultiDictProxy[str]:
+    copied = CIMultiDict(headers)
+    copied[CONTENT_LENGTH] = str(length)
+    return CIMultiDictProxy(copied)
 
 
 def _parser_message(exc: HttpParserError) -> str:

@@ -125,7 +125,10 @@ class AiohttpClient:
     def __init__(self, settings: Settings, socket_factory: Callable[..., socket.socket] | None = None) -> None:
         self._policy = TargetPolicy.from_settings(settings)
         self._retry_budget_s = settings.connect_retry_budget_s
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=10,
+        # force_close: aiohttp's parser keeps bytes an upstream sent past a response's end where the pool
+        # cannot see them, and the next request on that connection would read them (issue #11). Without
+        # keep-alive no exchange can reach another; the lean transport pools safely.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=True, ttl_dns_cache=10,
                                          resolver=PolicyResolver(self._policy), socket_factory=socket_factory)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -163,6 +166,9 @@ class AiohttpClient:
             if isinstance(exc.__cause__, GatewayError):  # our body iterator refused to go on
                 raise exc.__cause__ from None
             raise ConnectionResetError(str(exc)) from exc
+        if response.status == 101:  # the gateway never forwards Upgrade: nothing asked to switch protocols
+            response.close()
+            raise BadUpstreamResponse("the upstream switched protocols (101) on a request that did not ask to upgrade")
         return AiohttpResponse(response)
 
     async def close(self) -> None:

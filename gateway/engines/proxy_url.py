@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from yarl import URL
 
 from gateway.engines import Target
-from gateway.errors import MalformedHeader, MissingHeader
+from gateway.errors import MalformedHeader, MalformedPath, MissingHeader
 from gateway.headers import MCP_PROXY_URL
 
 if TYPE_CHECKING:
@@ -29,7 +29,11 @@ class ProxyUrlEngine:
         return cls(name=settings.schedule_type)
 
     def resolve(self, headers: Mapping[str, str], raw_path_qs: str) -> Target:
-        value = headers.get(MCP_PROXY_URL, "").strip()
+        getall = getattr(headers, "getall", None)
+        values = getall(MCP_PROXY_URL, ()) if getall else [headers.get(MCP_PROXY_URL, "")]
+        value = values[0].strip() if values else ""
+        if len(values) > 1 and any(other.strip() != value for other in values):
+            raise MalformedHeader(MCP_PROXY_URL, "is sent more than once with different values: name one target")
         if not value:
             raise MissingHeader(MCP_PROXY_URL)
         return Target(url=join_path(parse_proxy_url(value), raw_path_qs))
@@ -62,7 +66,10 @@ def join_path(base: URL, raw_path_qs: str) -> URL:
     A query on the base URL comes first, as Go's httputil.ReverseProxy merges them.
     """
     if not raw_path_qs.startswith("/"):  # absolute-form request target (RFC 9112 §3.2.2)
-        raw_path_qs = URL(raw_path_qs).raw_path_qs if "://" in raw_path_qs else "/"
+        try:
+            raw_path_qs = URL(raw_path_qs).raw_path_qs if "://" in raw_path_qs else "/"
+        except ValueError as exc:
+            raise MalformedPath(f"the request target is not a valid absolute URL: {exc}") from None
     path, sep, query = raw_path_qs.partition("?")
     prefix, base_query = _origin_and_prefix(base)
     if base_query:
