@@ -48,7 +48,9 @@ def build_gateway_app(
 
     async def upstream_client(_: web.Application) -> AsyncIterator[None]:
         proxy.upstream = upstream = _upstream_client(settings)
+        metrics.capacity.source = upstream.stats
         yield
+        metrics.capacity.source = None
         await upstream.close()
 
     app.cleanup_ctx.append(upstream_client)

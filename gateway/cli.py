@@ -16,9 +16,11 @@ from prometheus_client import CollectorRegistry
 
 from gateway.admin import Readiness
 from gateway.app import DataPlaneRunner, build_admin_app, build_gateway_app
+from gateway.capacity import raise_fd_limit
 from gateway.config import Settings, load_settings
 from gateway.engines import Engine, build_engine
 from gateway.errors import ConfigError
+from gateway.http1 import default_max_connections
 from gateway.limits import LIMITS, Limits
 from gateway.log import configure_logging, shown_settings
 from gateway.metrics import Metrics, use_multiprocess_dir
@@ -49,6 +51,7 @@ async def serve(settings: Settings, engine: Engine, reuse_port: bool = False) ->
 
     reuse_port when a supervisor runs several workers on the same ports (docs/scaling.md).
     """
+    fd_limit = raise_fd_limit()  # before the pool sizes its budget from it
     readiness = Readiness()
     metrics = Metrics.build(CollectorRegistry(), settings.metrics_multiproc_dir)
     gateway_app = build_gateway_app(settings, engine, metrics)
@@ -68,7 +71,8 @@ async def serve(settings: Settings, engine: Engine, reuse_port: bool = False) ->
             loop.add_signal_handler(signum, signalled.set)
         readiness.ready = True
         log.info("gateway_started", host=settings.host, port=settings.port,
-                 admin_port=settings.admin_port, engine=settings.schedule_type)
+                 admin_port=settings.admin_port, engine=settings.schedule_type, fd_limit=fd_limit,
+                 upstream_max_connections=settings.upstream_max_connections or default_max_connections())
         await signalled.wait()
         readiness.ready = False
         await _drain(gateway_app[LIMITS], settings.drain_timeout_s, signalled)

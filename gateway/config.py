@@ -51,6 +51,9 @@ class Settings:
     connect_retry_budget_s: float = 2.0
     drain_timeout_s: float = 30.0
     upstream_client: str = "lean"
+    upstream_max_connections: int = 0  # 0: from the fd limit (http1.default_max_connections)
+    upstream_max_idle: int = 0  # 0: as many as the budget
+    upstream_idle_timeout_s: float = 4.0  # below uvicorn's 5 s, which FastMCP runs on (docs/scaling.md)
     config_path: str | None = None
 
 
@@ -204,7 +207,15 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("drain_timeout_s", "GATEWAY_DRAIN_TIMEOUT", _non_negative_float,
            "seconds in-flight requests get to finish after SIGTERM/SIGINT"),
     Option("upstream_client", "GATEWAY_UPSTREAM_CLIENT", _choice("lean", "aiohttp"),
-           "upstream transport: lean (HTTP/1.1 on httptools, fast) or aiohttp (aiohttp's client)"),
+           "upstream transport: lean (HTTP/1.1 on httptools, pooled, fast) or aiohttp (aiohttp's client, "
+           "a connection per request)"),
+    Option("upstream_max_connections", "GATEWAY_UPSTREAM_MAX_CONNECTIONS", _non_negative_int,
+           "upstream connections open at once across all targets, lean transport; 0 = half the fd limit "
+           "less 64 (503 gateway_overloaded when all are busy)"),
+    Option("upstream_max_idle", "GATEWAY_UPSTREAM_MAX_IDLE", _non_negative_int,
+           "idle upstream connections kept, least recently used closed first; 0 = up to the budget"),
+    Option("upstream_idle_timeout_s", "GATEWAY_UPSTREAM_IDLE_TIMEOUT", _positive_float,
+           "seconds an idle upstream connection is kept (uvicorn closes its own after 5)"),
 )
 _DEFAULTS: Final = Settings()
 _FIELD_NAMES: Final = frozenset(f.name for f in fields(Settings))

@@ -18,6 +18,7 @@
     ├── TargetBusy              429  --max-inflight-per-target reached (Retry-After)
     ├── HeadersTooLarge         431  the request headers exceed --max-header-size
     ├── TooManyStreams          503  --max-streams reached (Retry-After)
+    ├── GatewayOverloaded       503  the gateway's own resources ran out: fds, the upstream connection budget
     └── LoopDetected            508  the request already passed through this gateway
 """
 
@@ -169,6 +170,13 @@ class TargetBusy(_RetryLater):
 class TooManyStreams(_RetryLater):
     status = 503
     code = "too_many_streams"
+
+
+class GatewayOverloaded(_RetryLater):
+    """The gateway's condition, not the upstream's: never counted against a sandbox."""
+
+    status = 503
+    code = "gateway_overloaded"
 
 
 class LoopDetected(GatewayError):

@@ -8,7 +8,10 @@ per request (docs/performance.md).
 from __future__ import annotations
 
 import asyncio
+import errno
 import ipaddress
+import os
+import resource
 import socket
 import ssl
 import time
@@ -19,7 +22,8 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from gateway.errors import BadUpstreamResponse
+from gateway.errors import BadUpstreamResponse, GatewayOverloaded
+from gateway.pool import ERROR, SHUTDOWN, UPSTREAM_CLOSED, Pool, PoolKey, PoolStats
 from gateway.retry import retry_refused
 from gateway.upstream import Body, Sink
 
@@ -37,17 +41,19 @@ BUFFER_LOW_BYTES: Final = 64 * 1024
 # aiohttp's client refuses fields over 64 KiB too; a whole head over 256 KiB is refused as well.
 MAX_FIELD_BYTES: Final = 64 * 1024
 MAX_HEAD_BYTES: Final = 256 * 1024
-IDLE_KEEPALIVE_S: Final = 60.0
-# No small cap: a busy host keeps as many idle connections as it had requests in flight.
-MAX_IDLE_PER_HOST: Final = 4096
+# Idle connections closed at once when a connect finds the process out of file descriptors.
+SHED_ON_EMFILE: Final = 32
+_OUT_OF_FDS: Final = frozenset({errno.EMFILE, errno.ENFILE})
 
 _FRAMING: Final = frozenset({"host", "content-length", "transfer-encoding", "connection"})
 # RFC 9110 §9.2.2: only these may be sent again when a reused connection turns out to be closed.
 _IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 _BODY_EXPECTED: Final = frozenset({"POST", "PUT", "PATCH"})
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_FOREVER: Final = float("inf")
+# File descriptors never given to upstream connections: listening sockets, the admin port, logs, files.
+FD_RESERVE: Final = 64
 
-PoolKey = tuple[str, str, int]
 
 
 class _StaleConnection(ConnectionResetError):
@@ -65,12 +71,14 @@ class _PastTheEnd(Exception):
 class _Connection(asyncio.Protocol):
     """One upstream TCP connection and the exchange in flight on it; httptools calls the on_* methods."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, key: PoolKey) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: PoolKey, pool: Pool[_Connection]) -> None:
         self.key = key
         self.reused = False
         self.idle_since = 0.0
+        self.idle_until = _FOREVER  # sooner when the upstream announces its own Keep-Alive timeout
         self.lost = False
         self.idle = False
+        self._pool = pool
         self._loop = loop
         self._parser = HttpResponseParser(self)  # one per exchange: begin() makes the next
         self._transport: asyncio.Transport | None = None
@@ -106,6 +114,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.idle:  # nothing was asked: an upstream that talks now is broken
             self.lost = True
+            self._pool.lost_while_idle(self)
             if self._transport is not None:
                 self._transport.abort()
             return
@@ -129,6 +138,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        if self.idle:  # the upstream closed it while it waited in the pool (uvicorn does after 5 s)
+            self._pool.lost_while_idle(self)
         if not self._headers_done:
             if self.reused and not self._got_bytes:
                 self._fail(_StaleConnection("upstream closed a kept-alive connection"))
@@ -183,6 +194,8 @@ class _Connection(asyncio.Protocol):
         self._headers_done = True
         names = {name.lower() for name, _ in self._raw_headers}
         self._length_delimited = "content-length" in names or "transfer-encoding" in names
+        if "keep-alive" in names:
+            self._keep_alive_header()
         if self._head_request:
             # llhttp does not know the request was HEAD and waits for a body; begin() replaces it.
             self._complete = True
@@ -209,6 +222,21 @@ class _Connection(asyncio.Protocol):
         self._wake_body()
 
     # the exchange, driven by Http1Client and Http1Response
+
+    def _keep_alive_header(self) -> None:
+        """Keep-Alive: timeout=N (RFC 2068 §19.7.1): never reused within a second of the upstream's own close."""
+        for name, value in self._raw_headers:
+            if name.lower() == "keep-alive":
+                for parameter in value.split(","):
+                    key, _, number = parameter.partition("=")
+                    if key.strip().lower() == "timeout" and number.strip().isdigit():
+                        self.idle_until = time.monotonic() + max(0, int(number) - 1)
+
+    def close_reason(self) -> str:
+        """Why a connection that is not reusable is closed: the upstream's doing, or a failed exchange."""
+        if self._complete and self._error is None and not self._overrun and not self._chunks:
+            return UPSTREAM_CLOSED  # it closed, or answered Connection: close
+        return ERROR
 
     def _past_the_end(self) -> None:
         """Bytes followed a complete response: the response stands, the connection is never reused."""
@@ -322,6 +350,7 @@ class _Connection(asyncio.Protocol):
 
     def begin(self, head_request: bool) -> None:
         self.idle = False
+        self.idle_until = _FOREVER
         if self.reused:  # a fresh parser: no state of the last exchange's can reach this one
             self._parser = HttpResponseParser(self)
         self._reset_exchange(head_request)
@@ -386,7 +415,7 @@ async def resolve_with_getaddrinfo(host: str, port: int) -> list[str]:
 
 
 class Http1Client:
-    """The lean transport: pooled HTTP/1.1 keep-alive connections per (scheme, host, port)."""
+    """The lean transport: pooled HTTP/1.1 keep-alive connections per (scheme, host, port), one budget for all."""
 
     def __init__(
         self,
@@ -398,19 +427,26 @@ class Http1Client:
         self._retry_budget_s = settings.connect_retry_budget_s
         self._resolve = resolve
         self._ssl_context = ssl_context
-        self._idle: dict[PoolKey, list[_Connection]] = {}
-        self._busy: set[_Connection] = set()
-        self._last_sweep = time.monotonic()
+        max_connections = settings.upstream_max_connections or default_max_connections()
+        self._pool: Pool[_Connection] = Pool(max_connections, settings.upstream_max_idle or max_connections,
+                                             settings.upstream_idle_timeout_s)
         self._closed = False
-        self.connections_opened = 0
+
+    @property
+    def connections_opened(self) -> int:
+        return self._pool.opened
+
+    def stats(self) -> PoolStats:
+        return self._pool.stats()
 
     async def request(self, method: str, url: URL, headers: Mapping[str, str], body: Body) -> Http1Response:
         host = url.raw_host or ""
         port = url.port or _DEFAULT_PORTS.get(url.scheme, 80)
         key = (url.scheme, host, port)
         head = _encode_head(method, url, host, port, headers, body)
-        connection = self._take_idle(key)
+        connection = self._pool.take(key)
         if connection is not None:
+            connection.reused = True
             try:
                 return await self._exchange(connection, method, head, body)
             except _StaleConnection as exc:
@@ -424,74 +460,62 @@ class Http1Client:
 
     async def close(self) -> None:
         self._closed = True
-        for connections in self._idle.values():
-            for connection in connections:
-                connection.close()
-        self._idle.clear()
-        for connection in self._busy:
-            connection.abort()
-        self._busy.clear()
+        self._pool.close()
 
     def give_back(self, connection: _Connection) -> None:
-        self._busy.discard(connection)
-        if self._closed or not connection.reusable():
-            connection.abort()  # never reuse a connection whose response was not read to the end
-            return
-        now = time.monotonic()
-        connection.idle = True
-        connection.idle_since = now
-        idle = self._idle.setdefault(connection.key, [])
-        if len(idle) >= MAX_IDLE_PER_HOST:
-            connection.close()
-        else:
-            idle.append(connection)
-        if now - self._last_sweep > 10.0:
-            self._sweep(now)
-
-    def _take_idle(self, key: PoolKey) -> _Connection | None:
-        idle = self._idle.get(key)
-        while idle:
-            connection = idle.pop()  # the most recently used one: least likely closed by the upstream
-            if not connection.lost:
-                connection.reused = True
-                return connection
-        return None
-
-    def _sweep(self, now: float) -> None:
-        self._last_sweep = now
-        for key, idle in list(self._idle.items()):
-            kept = [c for c in idle if not c.lost and now - c.idle_since < IDLE_KEEPALIVE_S]
-            for connection in idle:
-                if connection not in kept:
-                    connection.close()
-            if kept:
-                self._idle[key] = kept
-            else:
-                del self._idle[key]
+        if self._closed:
+            self._pool.give_back(connection, False, SHUTDOWN)
+        elif connection.reusable():
+            self._pool.give_back(connection, True)
+        else:  # never reuse a connection whose response was not read to the end, or that said close
+            self._pool.give_back(connection, False, connection.close_reason())
 
     async def _connect(self, key: PoolKey, host: str, port: int) -> _Connection:
+        self._pool.reserve()  # GatewayOverloaded when the budget is full of busy connections
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                addresses = await self._resolve(host, port)
+                if not addresses:
+                    raise socket.gaierror(socket.EAI_NONAME, f"{host} has no address")
+                error: OSError | None = None
+                for address in addresses:
+                    try:
+                        connection = await self._open(key, host, address, port)
+                    except GatewayOverloaded:
+                        raise
+                    except OSError as exc:
+                        error = exc
+                        continue
+                    break
+                else:
+                    assert error is not None
+                    raise error
+        except BaseException:
+            self._pool.unreserve()
+            raise
+        self._pool.opened_one(connection)
+        return connection
+
+    async def _open(self, key: PoolKey, host: str, address: str, port: int) -> _Connection:
+        """One connect. Out of fds, idle connections are closed and it is tried once more; then it is
+        the gateway's condition (503), not the upstream's."""
         loop = asyncio.get_running_loop()
         tls = self._tls_context() if key[0] == "https" else None
-        async with asyncio.timeout(self._connect_timeout_s):
-            addresses = await self._resolve(host, port)
-            if not addresses:
-                raise socket.gaierror(socket.EAI_NONAME, f"{host} has no address")
-            error: OSError | None = None
-            for address in addresses:
-                try:
-                    _, connection = await loop.create_connection(
-                        lambda: _Connection(loop, key), address, port,
-                        ssl=tls, server_hostname=host if tls else None,
-                    )
-                except OSError as exc:
-                    error = exc
-                    continue
+        for attempt in range(2):
+            try:
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(loop, key, self._pool), address, port,
+                    ssl=tls, server_hostname=host if tls else None,
+                )
+                return connection
+            except OSError as exc:
+                if exc.errno not in _OUT_OF_FDS:
+                    raise
+            if attempt or not self._pool.shed(SHED_ON_EMFILE):
                 break
-            else:
-                assert error is not None
-                raise error
-        self.connections_opened += 1
-        return connection
+            await asyncio.sleep(0)  # the closed connections' sockets are released on this loop pass
+        raise GatewayOverloaded(f"the gateway is out of file descriptors ({os.strerror(errno.EMFILE)}); "
+                                "see --upstream-max-connections")
 
     def _tls_context(self) -> ssl.SSLContext:
         if self._ssl_context is None:
@@ -500,7 +524,6 @@ class Http1Client:
 
     async def _exchange(self, connection: _Connection, method: str, head: bytes, body: Body) -> Http1Response:
         connection.begin(head_request=method == "HEAD")
-        self._busy.add(connection)
         try:
             if body is None:
                 await connection.send(head)
@@ -510,11 +533,19 @@ class Http1Client:
                 await connection.send(head)
                 await _send_stream(connection, body, chunked=head.endswith(b"Transfer-Encoding: chunked\r\n\r\n"))
             await connection.response_head()
-        except BaseException:
-            self._busy.discard(connection)
-            connection.abort()
+        except BaseException as exc:
+            stale = isinstance(exc, _StaleConnection)
+            self._pool.give_back(connection, False, UPSTREAM_CLOSED if stale else ERROR)
             raise
         return Http1Response(self, connection)
+
+
+def default_max_connections() -> int:
+    """--upstream-max-connections when not set: half the fds left after a reserve, the rest for callers."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 1_000_000
+    return max(16, (soft - FD_RESERVE) // 2)
 
 
 async def _send_stream(connection: _Connection, body: AsyncIterable[bytes], chunked: bool) -> None:

@@ -26,6 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client import values as prometheus_values
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
+from gateway.capacity import SYNC_EVERY_S, CapacityMetrics
 from gateway.errors import (
     BadUpstreamResponse,
     ConfigError,
@@ -118,6 +119,7 @@ class Metrics:
     relayed_bytes: Counter
     upstream_response_ms: Histogram
     sandbox_errors: Counter
+    capacity: CapacityMetrics
     multiproc_dir: str = ""
     _upstream_bytes: Counter | None = None
     _downstream_bytes: Counter | None = None
@@ -158,6 +160,7 @@ class Metrics:
                                    "Upstream failures by sandbox (AEnvCore-EnvInstance-ID, else the target "
                                    f"host:port) and kind; after {MAX_SANDBOX_LABELS} sandboxes, sandbox=other",
                                    ("sandbox", "kind"), registry=registry),
+            capacity=CapacityMetrics.build(registry),
             multiproc_dir=multiproc_dir,
         )
         metrics._upstream_bytes = metrics.relayed_bytes.labels("upstream")
@@ -202,6 +205,7 @@ class Metrics:
         answer the next scrape, so the tally goes to the shared files now; alone, the scrape flushes."""
         if self.multiproc_dir:
             self.flush()
+            self.capacity.sync(every_s=SYNC_EVERY_S)
 
     def flush(self) -> None:
         """Move the tallied observations into the exported series (one inc per series and bucket)."""
@@ -247,6 +251,7 @@ class Metrics:
     def exposition(self) -> bytes:
         """The Prometheus text for /metrics: this process's registry, or every worker's files."""
         self.flush()
+        self.capacity.sync()
         if not self.multiproc_dir:
             return generate_latest(self.registry)
         scrape = CollectorRegistry()

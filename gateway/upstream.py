@@ -18,6 +18,7 @@ from yarl import URL
 
 from gateway.errors import BadUpstreamResponse, GatewayError
 from gateway.policy import TargetPolicy
+from gateway.pool import PoolStats
 from gateway.retry import retry_refused
 
 if TYPE_CHECKING:
@@ -59,6 +60,9 @@ class UpstreamClient(Protocol):
     async def request(
         self, method: str, url: URL, headers: Mapping[str, str], body: Body
     ) -> UpstreamResponse: ...
+
+    def stats(self) -> PoolStats | None:
+        """The pool's counts for /metrics, or None if the transport keeps no pool of its own."""
 
     async def close(self) -> None: ...
 
@@ -170,6 +174,9 @@ class AiohttpClient:
             response.close()
             raise BadUpstreamResponse("the upstream switched protocols (101) on a request that did not ask to upgrade")
         return AiohttpResponse(response)
+
+    def stats(self) -> PoolStats | None:
+        return None  # force_close: nothing pooled
 
     async def close(self) -> None:
         await self._session.close()

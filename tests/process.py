@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -52,13 +53,22 @@ def wait_until_ready(admin_url: URL, process: subprocess.Popen[str], timeout_s: 
 
 
 @contextmanager
-def gateway_process(*args: str, env: dict[str, str] | None = None) -> Iterator[GatewayProcess]:
-    """Start the gateway on free loopback ports, wait for /readyz, stop it (SIGKILL if it lingers)."""
+def gateway_process(*args: str, env: dict[str, str] | None = None, nofile: int | None = None
+                    ) -> Iterator[GatewayProcess]:
+    """Start the gateway on free loopback ports, wait for /readyz, stop it (SIGKILL if it lingers).
+
+    nofile: its RLIMIT_NOFILE, soft and hard (so that it cannot raise it).
+    """
     port, admin_port = free_port(), free_port()
     command = [sys.executable, "-m", "gateway", "--host", "127.0.0.1", "--port", str(port),
                "--admin-port", str(admin_port), *args]
+
+    def limit_fds() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, **(env or {})})
+                               env={**os.environ, **(env or {})}, preexec_fn=limit_fds)
     try:
         admin_url = URL(f"http://127.0.0.1:{admin_port}")
         wait_until_ready(admin_url, process)

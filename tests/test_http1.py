@@ -339,7 +339,7 @@ async def test_closed_client_does_not_pool_released_connections(
     await http1.close()
     response.release()
 
-    assert http1._idle == {}
+    assert (http1.stats().idle, http1.stats().busy, http1.stats().closed["shutdown"]) == (0, 0, 1)
 
 
 @pytest.fixture
