@@ -27,7 +27,7 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 _LEGACY_IPV4: Final = re.compile(r"[0-9a-fA-FxX.]+")
 _PORT_SUFFIX: Final = re.compile(r"^(?P<where>.*?):(?P<port>\d+)$")
 _HOSTNAME: Final = re.compile(r"(\*\.)?[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
-_CACHE_LIMIT: Final = 8192
+_CACHE_LIMIT: Final = 16384
 
 
 def literal_address(host: str) -> str | None:
