@@ -41,7 +41,7 @@ class ProxyUrlEngine:
 
 # Callers name the same targets again and again: each header value is parsed and checked once (a
 # refused one raises every time: exceptions are not cached). Sized for a fleet: past it, every request
-# to a target parses its URL again (about 5 µs).
+# to a target parses its URL again (about 1 µs: 0.5 to parse, 0.5 for its origin and prefix).
 TARGETS_CACHED: Final = 16384
 
 
