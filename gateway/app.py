@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from contextlib import suppress
 from typing import Any, Final, cast
 
 from aiohttp import web
@@ -11,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from gateway import admin
 from gateway.admin import READINESS, Readiness
 from gateway.auth import bearer_auth
+from gateway.capacity import watch_fds
 from gateway.config import Settings, read_tokens
 from gateway.dataplane import data_plane_handler
 from gateway.deadlines import Deadlines
@@ -54,6 +57,7 @@ def build_gateway_app(
         await upstream.close()
 
     app.cleanup_ctx.append(upstream_client)
+    app.cleanup_ctx.append(_watching_fds)
     app.cleanup_ctx.append(lambda _: deadlines.run())
     handler = data_plane_handler(proxy, AccessLog(settings, metrics, engine.name), authenticate)
     app[DATA_PLANE] = Server(handler, max_head_bytes=settings.max_header_size)
@@ -85,6 +89,14 @@ class DataPlaneRunner(web.BaseRunner):
 
     async def _cleanup_server(self) -> None:
         await self._app.cleanup()
+
+
+async def _watching_fds(_: web.Application) -> AsyncIterator[None]:
+    watch = asyncio.ensure_future(watch_fds())
+    yield
+    watch.cancel()
+    with suppress(asyncio.CancelledError):
+        await watch
 
 
 def _upstream_client(settings: Settings) -> UpstreamClient:

@@ -7,6 +7,8 @@ startup, as Go's runtime and nginx's worker_rlimit_nofile do.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
 import resource
 import time
@@ -14,12 +16,20 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
+import structlog
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from gateway.pool import CLOSE_REASONS, PoolStats
 
+log = structlog.get_logger(__name__)
+
 # With several workers, pool series go to the shared files at most this often (a scrape reads them).
 SYNC_EVERY_S: Final = 1.0
+# The fd watch: how often it looks, and the share of the limit in use that it warns at. Connections a
+# caller opens once no fd is left are accepted and closed by the event loop itself, unseen by us: the
+# watch is what puts that episode in the log.
+WATCH_EVERY_S: Final = 1.0
+WARN_AT_SHARE: Final = 0.9
 
 
 def raise_fd_limit() -> int:
@@ -37,8 +47,10 @@ def raise_fd_limit() -> int:
 def open_fds() -> int:
     try:
         return len(os.listdir("/proc/self/fd")) - 1  # less the one listdir opened
-    except OSError:  # no procfs (not Linux)
-        return 0
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):  # not one left to look with: all in use
+            return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        return 0  # no procfs (not Linux)
 
 
 @dataclass(slots=True)
@@ -98,3 +110,20 @@ class CapacityMetrics:
             if count > self._closed_seen[reason]:
                 self.closed.labels(reason).inc(count - self._closed_seen[reason])
                 self._closed_seen[reason] = count
+
+
+async def watch_fds(every_s: float = WATCH_EVERY_S) -> None:
+    """Log once when open fds reach WARN_AT_SHARE of the limit, and once when they fall back below it."""
+    warned = False
+    while True:
+        await asyncio.sleep(every_s)
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        used = open_fds()
+        if not warned and used >= WARN_AT_SHARE * limit:
+            warned = True
+            log.warning("fds_nearly_exhausted", open_fds=used, fd_limit=limit,
+                        hint="callers beyond the limit are disconnected at once; raise the limit, or lower "
+                             "--upstream-max-connections / --upstream-max-idle")
+        elif warned and used < WARN_AT_SHARE * limit * 0.9:
+            warned = False
+            log.info("fds_recovered", open_fds=used, fd_limit=limit)

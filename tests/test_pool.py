@@ -5,12 +5,16 @@ running out of file descriptors, which is the gateway's condition (503), never t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import random
 import re
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -337,3 +341,38 @@ async def test_out_of_fds_idle_connections_are_shed_and_nothing_is_blamed_on_san
         assert evicted is not None and float(evicted[1]) > 0  # the process did run out, and shed
         assert 'aenv_gateway_upstream_errors_total{kind="unreachable"} 0.0' in exposition
         assert "aenv_gateway_sandbox_errors_total{" not in exposition
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def test_callers_beyond_the_fd_limit_are_disconnected_and_the_listener_recovers() -> None:
+    """RLIMIT_NOFILE 100 and 150 callers holding connections open: those past the limit are closed at
+    once (no busy loop while it lasts), a warning is logged, and once they leave a new caller is served."""
+    with gateway_process(nofile=100) as gateway:
+        callers = []
+        for _ in range(150):
+            callers.append(await asyncio.wait_for(asyncio.open_connection("127.0.0.1", gateway.url.port), 2))
+        await asyncio.sleep(1.5)  # the fd watch looks once a second
+        cut = 0
+        for reader, _ in callers:
+            with contextlib.suppress(TimeoutError):
+                cut += await asyncio.wait_for(reader.read(1), 0.01) == b""
+        before = _cpu_s(gateway.process.pid)
+        await asyncio.sleep(1.0)
+        spent = _cpu_s(gateway.process.pid) - before
+        for _, writer in callers:
+            writer.close()
+        await asyncio.sleep(0.3)
+        started = time.perf_counter()
+        async with aiohttp.ClientSession() as session, session.get(gateway.url / "health") as response:
+            assert response.status == 200
+        assert time.perf_counter() - started < 1.0
+        gateway.process.send_signal(signal.SIGTERM)
+        output, _ = gateway.process.communicate(timeout=10)
+
+    assert cut > 0 and spent < 0.3
+    warning = next(json.loads(line) for line in output.splitlines() if "fds_nearly_exhausted" in line)
+    assert (warning["level"], warning["fd_limit"]) == ("warning", 100)
