@@ -30,6 +30,7 @@ import dataclasses
 import http.client
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -54,6 +55,7 @@ SHARED_DEFAULTS = (ROOT.parent / "shared" / "bench", Path("/work/shared/bench"))
 # tool -> Debian package; taskset is in util-linux, present on any Debian but checked all the same.
 APT_PACKAGES = {"wrk": "wrk", "go": "golang-go", "taskset": "util-linux"}
 FLEET_NET = 77  # fleet targets are 127.77.x.y; the race upstream is 127.78.0.x
+POOL_SERIES = re.compile(r"aenv_gateway_\w*(upstream_errors|pool|conn|idle|evict)")
 IDLE_TABLE_SECONDS = (0, 1, 2, 5, 10, 20, 30, 45, 60, 75, 90, 100)
 Json = dict[str, Any]
 
@@ -232,6 +234,7 @@ class Proxy:
     port: int
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    metrics_port: int | None = None
 
     @contextlib.contextmanager
     def running(self, route_check: str, nofile: int | None = None) -> Iterator[int]:
@@ -247,7 +250,7 @@ def make_proxies(cfg: Config) -> list[Proxy]:
     if "gateway" in cfg.proxies:
         proxies.append(Proxy("gateway", cfg.port("gateway"), [
             PY, "-m", "gateway", "--host", "127.0.0.1", "--port", str(cfg.port("gateway")),
-            "--admin-port", str(cfg.port("admin")), *cfg.gateway_args]))
+            "--admin-port", str(cfg.port("admin")), *cfg.gateway_args], metrics_port=cfg.port("admin")))
     if "go-mimic" in cfg.proxies and cfg.shared is not None:
         binary = go_build(cfg.shared / "gomimic.go", BIN / "gomimic")
         proxies.append(Proxy("go-mimic", cfg.port("go-mimic"),
@@ -333,9 +336,30 @@ def established_to(pid: int, remote_port: int) -> int:
     return len(matched)
 
 
-def process_readings(pid: int, upstream_port: int) -> Json:
+def pool_metrics(proxy: Proxy) -> dict[str, float]:
+    """The gateway's own upstream figures from /metrics (errors by kind, and any pool or connection series).
+
+    Kept in the JSON only: the pool's metrics are being added, so whatever series exist are recorded.
+    """
+    if proxy.metrics_port is None:
+        return {}
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{proxy.metrics_port}/metrics", timeout=5) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return {}
+    series = {}
+    for line in text.splitlines():
+        name, _, value = line.rpartition(" ")
+        if POOL_SERIES.match(line) and not name.split("{", 1)[0].endswith(("_created", "_bucket")):
+            series[name] = float(value)
+    return series
+
+
+def process_readings(proxy: Proxy, pid: int, upstream_port: int) -> Json:
     rss, hwm = memory_mb(pid)
-    return {"rss_mb": rss, "hwm_mb": hwm, "fds": fd_count(pid), "established": established_to(pid, upstream_port)}
+    return {"rss_mb": rss, "hwm_mb": hwm, "fds": fd_count(pid), "established": established_to(pid, upstream_port),
+            "metrics": pool_metrics(proxy)}
 
 
 # ---------------------------------------------------------------- load
@@ -385,7 +409,7 @@ def run_cell(cfg: Config, proxy: Proxy, urls: Path, first_url: str, targets: int
         result = wrk(cfg, proxy.port, urls, targets, mix, cfg.duration_s - warm_s)
         cpu = cpu_seconds(pid) - cpu_before
         after = upstream_stats(control)
-        readings = process_readings(pid, fleet_port)
+        readings = process_readings(proxy, pid, fleet_port)
     return {
         "proxy": proxy.name, "targets": targets, "mix": mix, **result, **readings,
         "cpu_us_per_req": cpu * 1e6 / result["requests"] if result["requests"] else None,
@@ -478,7 +502,7 @@ def ulimit(cfg: Config, proxies: list[Proxy], urls: Path, first_url: str, fresh_
         with proxy.running(first_url, nofile=cfg.nofile) as pid:
             result = wrk(cfg, proxy.port, urls, cfg.big_n, "uniform", cfg.duration_s, count_status=True)
             fresh = fresh_target(proxy.port, fresh_url)
-            readings = process_readings(pid, cfg.port("fleet"))
+            readings = process_readings(proxy, pid, cfg.port("fleet"))
         rows.append({"proxy": proxy.name, "targets": cfg.big_n, "nofile": cfg.nofile, **result, **readings,
                      "fresh": fresh})
         log(f"ulimit {proxy.name}: statuses {result['statuses']}, socket errors {socket_errors(result)}, "
@@ -497,8 +521,10 @@ def stale_race(cfg: Config, proxies: list[Proxy]) -> list[Json]:
             stack.enter_context(proxy.running(targets[proxy.name].upstream_url))
         results = asyncio.run(race(targets, cfg.race_bursts, cfg.race_calls, cfg.race_concurrency, progress=log))
         opened = upstream_stats(control, by_addr=True)["by_addr"]
+        metrics = {p.name: pool_metrics(p) for p in proxies}
     return [{"proxy": name, "calls": r.calls, "failed": r.failed, "outcomes": dict(r.outcomes),
-             "opened": opened.get(host, 0)} for (name, r), host in zip(results.items(), hosts, strict=True)]
+             "opened": opened.get(host, 0), "metrics": metrics[name]}
+            for (name, r), host in zip(results.items(), hosts, strict=True)]
 
 
 # ---------------------------------------------------------------- report
@@ -654,4 +680,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the context managers have stopped every child by the time it gets here
+        log("interrupted; every process the bench started is stopped")
+        sys.exit(130)
