@@ -447,8 +447,13 @@ def sample_idle(series: list[IdleSeries], upstream_port: int, limit_s: int) -> N
     for s in series:
         if s.stopped_at is None or s.done or now - s.stopped_at < len(s.samples):
             continue
-        established = established_to(s.pid, upstream_port)
-        s.samples.append((len(s.samples), established, fd_count(s.pid)))
+        try:
+            established = established_to(s.pid, upstream_port)
+            s.samples.append((len(s.samples), established, fd_count(s.pid)))
+        except FileNotFoundError:  # the proxy died: its series ends, the others go on
+            log(f"idle: {s.name} (pid {s.pid}) is gone")
+            s.done = True
+            continue
         s.done = established == 0 or len(s.samples) > limit_s
 
 
@@ -557,6 +562,9 @@ def cells_table(rows: list[Json]) -> list[str]:
 
 
 def idle_table(rows: list[Json]) -> list[str]:
+    rows = [r for r in rows if r["samples"]]
+    if not rows:
+        return ["No readings: every proxy died before its load stopped (see bench/results/fleet-*.log)."]
     header = ["s after load"] + [f"{r['proxy']} estab. / fds" for r in rows]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     last = max(len(r["samples"]) for r in rows) - 1
