@@ -610,10 +610,15 @@ def race_table(rows: list[Json]) -> list[str]:
     return lines
 
 
+def git_commit() -> str:
+    """The commit benchmarked, '+' when gateway/ has uncommitted changes; read at the start of a long run."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+    return (git("rev-parse", "--short", "HEAD") or "?") + ("+" if git("status", "--porcelain", "--", "gateway") else "")
+
+
 def report(cfg: Config, results: Json, elapsed_s: float) -> str:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                            check=False).stdout.strip() or "?"
-    lines = [f"# make bench-fleet ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {commit}, "
+    lines = [f"# make bench-fleet ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {results['commit']}, "
              f"{'quick, ' if cfg.quick else ''}{elapsed_s / 60:.1f} min)", "",
              f"wrk -t1 -c{cfg.connections}, {cfg.duration_s} s per cell ({cfg.duration_s // 2} s warm-up, "
              f"{cfg.duration_s - cfg.duration_s // 2} s measured), proxies pinned to CPU 1, wrk and the Go upstream "
@@ -654,7 +659,7 @@ def run(cfg: Config) -> Json:
     urls = RESULTS / "fleet-targets.txt"
     urls.write_text("".join(f"http://{h}:{cfg.port('fleet')}\n" for h in hosts))
     first_url, fresh_url = f"http://{hosts[0]}:{cfg.port('fleet')}", f"http://{hosts[-1]}:{cfg.port('fleet')}"
-    results: Json = {"config": {k: str(v) for k, v in dataclasses.asdict(cfg).items()}}
+    results: Json = {"commit": git_commit(), "config": {k: str(v) for k, v in dataclasses.asdict(cfg).items()}}
     scenarios: dict[str, Callable[[], list[Json]]] = {"cells": lambda: cells(cfg, proxies, urls, first_url),
                  "idle": lambda: idle(cfg, proxies, urls, first_url),
                  "ulimit": lambda: ulimit(cfg, proxies, urls, first_url, fresh_url)}
