@@ -13,8 +13,8 @@ Scenarios (FLEET_SCENARIOS, any of):
           upstream and its fds, every second, until 0 or FLEET_IDLE_S.
   ulimit  the largest-N load with the proxy under RLIMIT_NOFILE FLEET_NOFILE (1024): statuses,
           503s with Retry-After, socket errors, and whether a new target is served within 1 s after.
-  race    an upstream closing keep-alive connections idle for 5 s, bursts of calls with 4-6 s gaps:
-          failed calls (bench/fleet_race.py).
+  race    an upstream closing keep-alive connections idle for 5 s, bursts of calls with 4-6 s gaps
+          (FLEET_RACE_GAP): failed calls (bench/fleet_race.py).
 
 go-mimic is built from ../shared/bench/gomimic.go when that folder is there (FLEET_SHARED names
 another); without it only the gateway runs. wrk and golang-go are installed with apt-get when
@@ -71,6 +71,12 @@ def _env_list(name: str, default: str) -> list[str]:
     return os.environ.get(name, default).split()
 
 
+def _gap(text: str) -> tuple[float, float]:
+    """FLEET_RACE_GAP as "low-high" seconds, e.g. "4-6" (the default) or "4.95-5.05"."""
+    low, _, high = text.partition("-")
+    return float(low), float(high or low)
+
+
 @dataclass(frozen=True)
 class Config:
     """Every knob is an environment variable, so `make bench-fleet` needs no argument parsing of its own."""
@@ -87,6 +93,7 @@ class Config:
     race_bursts: int
     race_calls: int
     race_concurrency: int
+    race_gap_s: tuple[float, float]
     port_base: int
     gateway_args: list[str]
     shared: Path | None
@@ -114,6 +121,7 @@ class Config:
             race_bursts=int(os.environ.get("FLEET_RACE_BURSTS", 3 if quick else 20)),
             race_calls=int(os.environ.get("FLEET_RACE_CALLS", 100 if quick else 500)),
             race_concurrency=int(os.environ.get("FLEET_RACE_CONCURRENCY", 32)),
+            race_gap_s=_gap(os.environ.get("FLEET_RACE_GAP", "4-6")),
             port_base=int(os.environ.get("FLEET_PORT_BASE", 21700)),
             gateway_args=os.environ.get("GATEWAY_ARGS", "").split(),
             shared=shared,
@@ -524,7 +532,8 @@ def stale_race(cfg: Config, proxies: list[Proxy]) -> list[Json]:
     with upstream(hosts, port, control, idle_timeout_s=5), contextlib.ExitStack() as stack:
         for proxy in proxies:
             stack.enter_context(proxy.running(targets[proxy.name].upstream_url))
-        results = asyncio.run(race(targets, cfg.race_bursts, cfg.race_calls, cfg.race_concurrency, progress=log))
+        results = asyncio.run(race(targets, cfg.race_bursts, cfg.race_calls, cfg.race_concurrency,
+                                   gap_s=cfg.race_gap_s, progress=log))
         opened = upstream_stats(control, by_addr=True)["by_addr"]
         metrics = {p.name: pool_metrics(p) for p in proxies}
     return [{"proxy": name, "calls": r.calls, "failed": r.failed, "outcomes": dict(r.outcomes),
@@ -633,7 +642,8 @@ def report(cfg: Config, results: Json, elapsed_s: float) -> str:
         ("ulimit", f"## {cfg.big_n:,} targets under RLIMIT_NOFILE {cfg.nofile}", ulimit_table,
          "Statuses counted by wrk's response(); then a POST to a target not used before, 1 s per attempt."),
         ("race", "## Stale-connection race: upstream closes idle keep-alive after 5 s", race_table,
-         f"{cfg.race_bursts} bursts of {cfg.race_calls} calls ({cfg.race_concurrency} at a time), 4-6 s gaps."),
+         f"{cfg.race_bursts} bursts of {cfg.race_calls} calls ({cfg.race_concurrency} at a time), "
+         f"{cfg.race_gap_s[0]:g}-{cfg.race_gap_s[1]:g} s gaps."),
     ]
     for key, title, render, note in sections:
         if results.get(key):
