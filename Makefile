@@ -51,7 +51,7 @@ bench-anchor: install
 	"$$B/run.sh"
 
 # The gateway (and go-mimic, from ../shared/bench) in front of 1 to 4,000 upstream addresses, plus the idle,
-# RLIMIT_NOFILE 1024 and stale-connection scenarios; ~12 minutes (FLEET_QUICK=1: ~2). See docs/scaling.md.
+# RLIMIT_NOFILE 1024 and stale-connection scenarios; ~10 minutes (FLEET_QUICK=1: ~1). See docs/scaling.md.
 # Installs wrk and golang-go with apt-get if they are missing (as root).
 bench-fleet: install
 	$(BIN)/python bench/fleet.py

@@ -158,6 +158,9 @@ def ensure_tools() -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update"], check=True, timeout=600, env=env, stdout=subprocess.DEVNULL)
     subprocess.run(["apt-get", "install", "-y", *missing], check=True, timeout=900, env=env, stdout=subprocess.DEVNULL)
+    still = [tool for tool in APT_PACKAGES if not shutil.which(tool)]
+    if still:
+        raise SystemExit(f"bench-fleet: {' '.join(still)} still not on PATH after apt-get install")
 
 
 def go_build(source: Path, output: Path) -> Path:
@@ -634,8 +637,9 @@ def report(cfg: Config, results: Json, elapsed_s: float) -> str:
              f"to CPU 0, {os.cpu_count()} CPUs. Compare within this run only: the machine is shared."]
     sections = [
         ("cells", "## Load: N targets, uniform and 80/20", cells_table,
-         "CPU µs/req, req/s and latency over the measured half; (0.75x) is the gateway's CPU per request over "
-         "go-mimic's. RSS, fds and connections at the end of the cell."),
+         "CPU µs/req, req/s and latency over the measured half; a ratio such as (0.75x) is the gateway's CPU "
+         "per request over go-mimic's in the same cell, when go-mimic ran. RSS, fds and connections at the end "
+         "of the cell."),
         ("idle", "## Idle upstream connections after the load stops", idle_table,
          "Each proxy's ESTABLISHED connections to the upstream port (its fds' sockets in /proc/PID/net/tcp) "
          "and its open fds, each second after its own load stopped."),
