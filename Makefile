@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
-.PHONY: run test install install-test install-examples example lint bench bench-anchor bench-idle-sse clean
+.PHONY: run test install install-test install-examples example lint bench bench-anchor bench-fleet bench-idle-sse clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -49,6 +49,12 @@ bench-anchor: install
 	CANDIDATE_NAME=gateway CANDIDATE_CWD="$(CURDIR)" \
 	CANDIDATE_CMD='exec $(CURDIR)/$(BIN)/python -m gateway --host 127.0.0.1 --port {port} --admin-port 0' \
 	"$$B/run.sh"
+
+# The gateway (and go-mimic, from ../shared/bench) in front of 1 to 4,000 upstream addresses, plus the idle,
+# RLIMIT_NOFILE 1024 and stale-connection scenarios; ~10 minutes (FLEET_QUICK=1: ~1). See docs/scaling.md.
+# Installs wrk and golang-go with apt-get if they are missing (as root).
+bench-fleet: install
+	$(BIN)/python bench/fleet.py
 
 # RSS growth per idle SSE stream, up to 10,000 streams opened and closed by the script (STREAMS=...).
 bench-idle-sse: install
