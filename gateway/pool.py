@@ -156,6 +156,7 @@ class Pool(Generic[C]):
 
     def lost_while_idle(self, connection: C) -> None:
         """The upstream closed an idle connection: forget it (its transport is closing already)."""
+        connection.idle = False
         if self._lru.pop(connection, False) is not False:
             idle = self._by_key[connection.key]
             idle.remove(connection)
