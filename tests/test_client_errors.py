@@ -1,0 +1,176 @@
+"""What a real MCP client's user sees when the gateway refuses or fails a call (issue #13).
+
+The `fastmcp` Client as the platform SDK builds it (StreamableHttpTransport with the two AEnvCore
+headers) and the official `mcp` client, each pointed at the gateway in-process on 127.0.0.1, one
+test per refusal kind: the error the user's code catches, its message, and how long it took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import httpx2
+import pytest
+from aiohttp import web
+from fastmcp import Client
+from fastmcp.client.transports import StreamableHttpTransport
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.exceptions import MCPError
+from pytest_aiohttp import AiohttpServer
+from yarl import URL
+
+from gateway.app import build_gateway_app
+from gateway.engines.arca import REJECT_MESSAGE
+from gateway.headers import ENV_INSTANCE_ID, MCP_PROXY_URL
+from tests.conftest import gateway_settings
+from tests.process import free_port
+
+# A refusal is answered before anything is forwarded: the client's error must not take longer.
+REFUSAL_BUDGET_S = 1.0
+CLIENT_TIMEOUT_S = 10.0
+# What both clients said for every refusal before #13: the status alone, the gateway's message lost.
+BEFORE = "Server returned an error response"
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """One refusal kind: the gateway's settings, the SDK's headers, and the message the gateway writes."""
+
+    name: str
+    settings: dict[str, Any]
+    headers: Callable[[Targets], dict[str, str]]
+    gateway_message: Callable[[Targets], str]
+
+
+@dataclass(slots=True)
+class Targets:
+    """The URLs a refusal's headers point at."""
+
+    dead: URL  # nothing listens there
+    slow: URL  # an upstream that holds each request until released
+    held: list[asyncio.Event] = field(default_factory=list)  # one per request the slow upstream holds
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set when the first one is held
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+def sdk_headers(target: URL) -> dict[str, str]:
+    """The two headers the platform SDK sends on every call."""
+    return {MCP_PROXY_URL: str(target), ENV_INSTANCE_ID: "inst-13"}
+
+
+REFUSALS = [
+    Refusal("missing_header", {}, lambda _: {ENV_INSTANCE_ID: "inst-13"},
+            lambda _: "AEnvCore-MCPProxy-URL header is required"),
+    Refusal("malformed_header", {}, lambda _: {MCP_PROXY_URL: "ftp://10.1.2.3", ENV_INSTANCE_ID: "inst-13"},
+            lambda _: "AEnvCore-MCPProxy-URL header must be an http:// or https:// URL, like http://10.1.2.3:8081"),
+    Refusal("target_forbidden", {"target_deny": ("127.0.0.0/8",)}, lambda t: sdk_headers(t.dead),
+            lambda t: f"target 127.0.0.1:{t.dead.port} is refused by rule: target_deny 127.0.0.0/8"),
+    Refusal("target_busy", {"max_inflight_per_target": 1}, lambda t: sdk_headers(t.slow),
+            lambda t: f"target 127.0.0.1:{t.slow.port} already has 1 requests in flight (--max-inflight-per-target)"),
+    Refusal("upstream_unreachable", {"connect_retry_budget_s": 0.0}, lambda t: sdk_headers(t.dead),
+            lambda t: f"cannot connect to upstream 127.0.0.1:{t.dead.port}: connection refused"),
+    Refusal("data_plane_unsupported",
+            {"schedule_type": "arca", "arca_base_url": "http://127.0.0.1:9", "arca_api_key": "k"},
+            lambda t: sdk_headers(t.dead), lambda _: REJECT_MESSAGE),
+]
+
+
+@pytest.fixture
+async def targets(aiohttp_server: AiohttpServer) -> AsyncIterator[Targets]:
+    found = Targets(dead=URL(f"http://127.0.0.1:{free_port()}"), slow=URL("http://127.0.0.1"))
+
+    async def hold(request: web.Request) -> web.Response:
+        release = asyncio.Event()
+        found.held.append(release)
+        found.arrived.set()
+        async with asyncio.timeout(CLIENT_TIMEOUT_S):
+            await release.wait()
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", hold)
+    found.slow = (await aiohttp_server(app)).make_url("")
+    yield found
+    for release in found.held:
+        release.set()
+    await asyncio.wait_for(asyncio.gather(*found.tasks, return_exceptions=True), CLIENT_TIMEOUT_S)
+
+
+@dataclass(frozen=True, slots=True)
+class Seen:
+    """What the user's code caught."""
+
+    error: BaseException
+    elapsed_s: float
+
+    @property
+    def message(self) -> str:
+        return str(self.error)
+
+
+def leaf(error: BaseException) -> BaseException:
+    """The one exception inside the task groups the official client raises through."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
+
+
+async def fastmcp_user(url: URL, headers: dict[str, str]) -> Seen:
+    client = Client(transport=StreamableHttpTransport(str(url), headers=headers), timeout=CLIENT_TIMEOUT_S)
+    started = time.monotonic()
+    try:
+        async with asyncio.timeout(CLIENT_TIMEOUT_S), client:
+            await client.list_tools()
+    except Exception as exc:
+        return Seen(leaf(exc), time.monotonic() - started)
+    raise AssertionError("the fastmcp client saw no error")
+
+
+async def mcp_user(url: URL, headers: dict[str, str]) -> Seen:
+    started = time.monotonic()
+    try:
+        async with (
+            asyncio.timeout(CLIENT_TIMEOUT_S),
+            httpx2.AsyncClient(headers=headers, timeout=CLIENT_TIMEOUT_S) as http,
+            streamable_http_client(str(url), http_client=http) as (read_stream, write_stream),
+            ClientSession(read_stream, write_stream) as session,
+        ):
+            await session.initialize()
+    except Exception as exc:
+        return Seen(leaf(exc), time.monotonic() - started)
+    raise AssertionError("the mcp client saw no error")
+
+
+async def gateway_for(aiohttp_server: AiohttpServer, refusal: Refusal, targets: Targets) -> URL:
+    server = await aiohttp_server(build_gateway_app(gateway_settings(**refusal.settings)))
+    gateway = server.make_url("/mcp")
+    if refusal.name == "target_busy":  # one call holds the only slot the target has
+        targets.tasks.append(asyncio.create_task(_hold_slot(gateway, refusal.headers(targets))))
+        await asyncio.wait_for(targets.arrived.wait(), CLIENT_TIMEOUT_S)
+    return gateway
+
+
+async def _hold_slot(gateway: URL, headers: dict[str, str]) -> None:
+    async with aiohttp.ClientSession() as http, http.post(gateway, data=b"{}", headers=headers) as response:
+        await response.read()
+
+
+@pytest.mark.parametrize("refusal", REFUSALS, ids=lambda refusal: refusal.name)
+@pytest.mark.parametrize("user", [fastmcp_user, mcp_user], ids=["fastmcp", "mcp"])
+async def test_the_user_sees_the_gateways_message(
+    aiohttp_server: AiohttpServer, targets: Targets, refusal: Refusal, user: Callable[..., Any]
+) -> None:
+    gateway = await gateway_for(aiohttp_server, refusal, targets)
+
+    seen: Seen = await user(gateway, refusal.headers(targets))
+
+    assert isinstance(seen.error, MCPError)
+    assert (seen.error.code, seen.message) == (-32603, BEFORE)
+    assert refusal.gateway_message(targets) not in seen.message
+    assert seen.elapsed_s < REFUSAL_BUDGET_S
