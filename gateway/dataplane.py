@@ -15,22 +15,44 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 from gateway.auth import Authenticate
 from gateway.errors import GatewayError
-from gateway.exchange import CLIENT_CLOSED, INTERNAL_ERROR
+from gateway.exchange import CLIENT_CLOSED, INTERNAL_ERROR, Exchange
 from gateway.headers import REQUEST_ID
+from gateway.jsonrpc import rpc_requests
 from gateway.log import AccessLog
-from gateway.proxy import Proxy
+from gateway.proxy import SMALL_BODY_BYTES, Proxy
 from gateway.server import Request, Response, StreamResponse, json_response
 from gateway.via import refuse_loops
 
 DataPlaneHandler = Callable[[Request], Awaitable[Response | StreamResponse]]
 
 
-def error_response(error: GatewayError) -> Response:
-    """A GatewayError as the JSON answer with its status."""
-    return json_response(error.body(), status=error.status, headers=error.response_headers())
+def error_response(error: GatewayError, request: Request, exchange: Exchange) -> Response:
+    """A GatewayError as the JSON answer with its status: a JSON-RPC error response (an array for a batch)
+    when the body is a JSON-RPC request, since that is all MCP clients show; else its own body."""
+    requests = rpc_requests(body) if (body := _small_body(request, exchange)) else None
+    if requests is None:
+        data: Any = error.body()
+    elif requests.batch:
+        data = [error.rpc_error(request_id) for request_id in requests.ids]
+    else:
+        data = error.rpc_error(requests.ids[0])
+    return json_response(data, status=error.status, headers=error.response_headers())
+
+
+def _small_body(request: Request, exchange: Exchange) -> bytes | bytearray:
+    """The request body if it is small and has arrived whole, else nothing: a refusal never waits for
+    a body or buffers a large one (those are answered before they are read, in their own form)."""
+    length = request.content_length
+    if length is None or length > SMALL_BODY_BYTES:
+        return b""
+    if exchange.body_head:  # the proxy read it whole (Proxy._request_body)
+        return exchange.body_head
+    content = request.content
+    return content.arrived() if content.complete else b""
 
 
 def data_plane_handler(
@@ -56,7 +78,7 @@ def data_plane_handler(
                     limits.release(exchange)
             except GatewayError as error:
                 exchange.error = error
-                response = error_response(error)
+                response = error_response(error, request, exchange)
                 if error.closes_connection:
                     request.connection.keep_alive = False
             if not response.prepared:  # our own answers and small replies; the proxy sets it on what it streams
