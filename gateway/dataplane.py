@@ -5,6 +5,7 @@ coroutine and a partial each per request (docs/performance.md). The order is the
 
     access log and metrics   every request once it finished, refusals included
     parser refusals          400, 431 (server.py: malformed requests, heads far over the limit)
+    Origin and Host          403 (origin.py: DNS-rebinding protection), before any credential is looked at
     authentication           401 (--auth-token-file); header-less GET /health stays open
     size limits              413, 431; from here on the request counts as in flight for the drain
     loop guard               508
@@ -14,7 +15,7 @@ coroutine and a partial each per request (docs/performance.md). The order is the
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from gateway.auth import Authenticate
@@ -56,7 +57,8 @@ def _small_body(request: Request, exchange: Exchange) -> bytes | bytearray:
 
 
 def data_plane_handler(
-    proxy: Proxy, access_log: AccessLog, authenticate: Authenticate | None = None
+    proxy: Proxy, access_log: AccessLog, authenticate: Authenticate | None = None,
+    check_origin: Callable[[Mapping[str, str]], None] | None = None,
 ) -> DataPlaneHandler:
     """The handler server.Server calls for every request."""
     limits, via_mark = proxy.limits, proxy.via_mark
@@ -68,6 +70,8 @@ def data_plane_handler(
             try:
                 if request.refusal is not None:
                     raise request.refusal
+                if check_origin is not None:
+                    check_origin(request.headers)
                 forwarded = request if authenticate is None else authenticate(request)
                 limits.check(forwarded)
                 limits.enter()

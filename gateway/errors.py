@@ -12,6 +12,8 @@
     ├── UpstreamTimeout         504  no connection or no response headers in time
     ├── Unauthorized            401  --auth-token-file is set and the bearer token is missing or wrong
     ├── TargetForbidden         403  the target policy refuses the upstream address (names the rule)
+    ├── OriginForbidden         403  an Origin that is not allowed: DNS-rebinding protection (origin.py)
+    ├── HostForbidden           403  with --allow-host, a Host that is not one of the gateway's names
     ├── BodyTooLarge            413  the request body exceeds --max-body-size
     ├── TargetBusy              429  --max-inflight-per-target reached (Retry-After)
     ├── HeadersTooLarge         431  the request headers exceed --max-header-size
@@ -27,7 +29,7 @@ timeout, -32002 and -32042 retired by MCP, -32020 and up reserved for the MCP sp
 
     -32600  bad request or routing input    400, 413, 431
     -32010  unauthorized                    401
-    -32011  forbidden                       403 (the target policy)
+    -32011  forbidden                       403 (target, Origin, Host)
     -32012  busy, retry later               429, 503 (Retry-After)
     -32013  data plane not served           501
     -32014  upstream unreachable or broken  502
@@ -168,6 +170,18 @@ class TargetForbidden(GatewayError):
 
     def details(self) -> dict[str, Any]:
         return {"rule": self.rule}
+
+
+class OriginForbidden(GatewayError):
+    status = 403
+    code = "origin_forbidden"
+    rpc_code = -32011
+
+
+class HostForbidden(GatewayError):
+    status = 403
+    code = "host_forbidden"
+    rpc_code = -32011
 
 
 class BodyTooLarge(GatewayError):

@@ -80,6 +80,10 @@ REFUSALS = [
     Refusal("upstream_unreachable", {"connect_retry_budget_s": 0.0}, lambda t: sdk_headers(t.dead),
             lambda t: f"cannot connect to upstream 127.0.0.1:{t.dead.port}: connection refused", -32014),
     Refusal("data_plane_unsupported", ARCA_REJECT, lambda t: sdk_headers(t.dead), lambda _: REJECT_MESSAGE, -32013),
+    # What a page rebound to the gateway's address sends (its scripts can set Origin to nothing else).
+    Refusal("origin_forbidden", {}, lambda t: {**sdk_headers(t.dead), "Origin": "http://evil.example.com"},
+            lambda _: "Origin http://evil.example.com is not allowed: only loopback origins and --allow-origin are "
+                      "accepted (DNS-rebinding protection)", -32011),
 ]
 
 
