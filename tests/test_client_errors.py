@@ -29,7 +29,7 @@ from gateway.app import build_gateway_app
 from gateway.engines.arca import REJECT_MESSAGE
 from gateway.headers import ENV_INSTANCE_ID, MCP_PROXY_URL
 from tests.conftest import gateway_settings
-from tests.process import free_port
+from tests.process import free_port, gateway_process
 
 # A refusal is answered before anything is forwarded: the client's error must not take longer.
 REFUSAL_BUDGET_S = 1.0
@@ -179,3 +179,14 @@ async def test_the_user_sees_the_gateways_message(
     assert isinstance(seen.error, MCPError)
     assert (seen.error.code, seen.message) == (refusal.rpc_code, refusal.gateway_message(targets))
     assert seen.elapsed_s < REFUSAL_BUDGET_S
+
+
+@pytest.mark.parametrize("user", [fastmcp_user, mcp_user], ids=["fastmcp", "mcp"])
+async def test_the_user_of_the_gateway_program_sees_its_message_every_time(user: Callable[..., Any]) -> None:
+    # Regression: in-process the body arrives with the head; from another process httpx's body write
+    # came after the refusal 39 times in 40, and the user saw "Server returned an error response".
+    with gateway_process() as gateway:
+        seen = [await user(gateway.url / "mcp", {ENV_INSTANCE_ID: "inst-13"}) for _ in range(10)]
+
+    assert {(type(one.error), one.message) for one in seen} == {(MCPError, "AEnvCore-MCPProxy-URL header is required")}
+    assert max(one.elapsed_s for one in seen) < REFUSAL_BUDGET_S

@@ -154,3 +154,51 @@ async def test_arca_reject_answers_a_json_rpc_request_for_both_readers(aiohttp_c
                                              "data": {"status": 501, "code": "data_plane_unsupported"}},
         **envelope})
     assert (plain.status, await plain.json()) == (501, envelope)
+
+
+async def raw_exchange(gateway: Any, chunks: list[bytes], pause_s: float) -> tuple[bytes, float]:
+    """Send chunks with a pause between them, then read the whole answer (the refusal closes or is complete)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+    started = asyncio.get_running_loop().time()
+    try:
+        for index, chunk in enumerate(chunks):
+            if index:
+                await asyncio.sleep(pause_s)
+            writer.write(chunk)
+            await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        answer = head + await asyncio.wait_for(reader.readexactly(length), 5)
+        return answer, asyncio.get_running_loop().time() - started
+    finally:
+        writer.close()
+
+
+def post_head(body: bytes, *extra: bytes) -> bytes:
+    lines = [b"POST /mcp HTTP/1.1", b"Host: 127.0.0.1", b"Content-Type: application/json",
+             b"Content-Length: %d" % len(body), *extra]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+async def test_a_body_sent_after_the_head_is_waited_for_to_answer_its_id(aiohttp_client: AiohttpClient) -> None:
+    # Regression: httpx writes the head and the body apart, so across processes the refusal came before
+    # the body and fastmcp users saw "Server returned an error response" nearly every time.
+    gateway = await serve_gateway(aiohttp_client)
+    body = json.dumps(rpc(9)).encode()
+
+    answer, _ = await raw_exchange(gateway.server, [post_head(body), body], pause_s=0.1)
+
+    assert answer.startswith(b"HTTP/1.1 400 ")
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1]) == rpc_missing(9)
+
+
+async def test_a_body_that_does_not_come_gets_the_plain_answer_within_the_wait(aiohttp_client: AiohttpClient) -> None:
+    gateway = await serve_gateway(aiohttp_client)
+    body = json.dumps(rpc(9)).encode()
+
+    withheld, withheld_s = await raw_exchange(gateway.server, [post_head(body)], pause_s=0)
+    held_back, held_back_s = await raw_exchange(gateway.server, [post_head(body, b"Expect: 100-continue")], pause_s=0)
+
+    assert [json.loads(answer.split(b"\r\n\r\n", 1)[1]) for answer in (withheld, held_back)] == [PLAIN_MISSING] * 2
+    assert 0.4 < withheld_s < 2.0
+    assert held_back_s < 0.4  # a caller waiting for 100 Continue is not kept waiting for nothing
