@@ -3,6 +3,8 @@
 The `fastmcp` Client as the platform SDK builds it (StreamableHttpTransport with the two AEnvCore
 headers) and the official `mcp` client, each pointed at the gateway in-process on 127.0.0.1, one
 test per refusal kind: the error the user's code catches, its message, and how long it took.
+Before #13 both clients said `MCPError(-32603, 'Server returned an error response')` for every
+one of them: they drop a non-2xx body that is not a JSON-RPC error.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -34,8 +37,6 @@ from tests.process import free_port, gateway_process
 # A refusal is answered before anything is forwarded: the client's error must not take longer.
 REFUSAL_BUDGET_S = 1.0
 CLIENT_TIMEOUT_S = 10.0
-# What both clients said for every refusal before #13 (MCPError -32603): the gateway's message was lost.
-BEFORE = "Server returned an error response"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,7 @@ class Targets:
 
     dead: URL  # nothing listens there
     slow: URL  # an upstream that holds each request until released
+    token_file: Path  # one bearer token, for --auth-token-file
     held: list[asyncio.Event] = field(default_factory=list)  # one per request the slow upstream holds
     arrived: asyncio.Event = field(default_factory=asyncio.Event)  # set when the first one is held
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -65,6 +67,7 @@ def sdk_headers(target: URL) -> dict[str, str]:
     return {MCP_PROXY_URL: str(target), ENV_INSTANCE_ID: "inst-13"}
 
 
+TOKEN_FILE = "<token file>"  # replaced by the fixture's file
 ARCA_REJECT = {"schedule_type": "arca", "arca_base_url": "http://127.0.0.1:9", "arca_api_key": "k"}
 REFUSALS = [
     Refusal("missing_header", {}, lambda _: {ENV_INSTANCE_ID: "inst-13"},
@@ -80,6 +83,8 @@ REFUSALS = [
     Refusal("upstream_unreachable", {"connect_retry_budget_s": 0.0}, lambda t: sdk_headers(t.dead),
             lambda t: f"cannot connect to upstream 127.0.0.1:{t.dead.port}: connection refused", -32014),
     Refusal("data_plane_unsupported", ARCA_REJECT, lambda t: sdk_headers(t.dead), lambda _: REJECT_MESSAGE, -32013),
+    Refusal("unauthorized", {"auth_token_file": TOKEN_FILE}, lambda t: sdk_headers(t.dead),
+            lambda _: "a valid Authorization: Bearer token is required", -32010),
     # What a page rebound to the gateway's address sends (its scripts can set Origin to nothing else).
     Refusal("origin_forbidden", {}, lambda t: {**sdk_headers(t.dead), "Origin": "http://evil.example.com"},
             lambda _: "Origin http://evil.example.com is not allowed: only loopback origins and --allow-origin are "
@@ -88,8 +93,10 @@ REFUSALS = [
 
 
 @pytest.fixture
-async def targets(aiohttp_server: AiohttpServer) -> AsyncIterator[Targets]:
-    found = Targets(dead=URL(f"http://127.0.0.1:{free_port()}"), slow=URL("http://127.0.0.1"))
+async def targets(aiohttp_server: AiohttpServer, tmp_path: Path) -> AsyncIterator[Targets]:
+    token_file = tmp_path / "tokens"
+    token_file.write_text("tok-5ecret-13\n")
+    found = Targets(dead=URL(f"http://127.0.0.1:{free_port()}"), slow=URL("http://127.0.0.1"), token_file=token_file)
 
     async def hold(request: web.Request) -> web.Response:
         release = asyncio.Event()
@@ -154,7 +161,9 @@ async def mcp_user(url: URL, headers: dict[str, str]) -> Seen:
 
 
 async def gateway_for(aiohttp_server: AiohttpServer, refusal: Refusal, targets: Targets) -> URL:
-    server = await aiohttp_server(build_gateway_app(gateway_settings(**refusal.settings)))
+    settings = {name: str(targets.token_file) if value == TOKEN_FILE else value
+                for name, value in refusal.settings.items()}
+    server = await aiohttp_server(build_gateway_app(gateway_settings(**settings)))
     gateway = server.make_url("/mcp")
     if refusal.name == "target_busy":  # one call holds the only slot the target has
         targets.tasks.append(asyncio.create_task(_hold_slot(gateway, refusal.headers(targets))))
