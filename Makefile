@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
-.PHONY: run test install install-test install-examples example lint bench bench-anchor bench-fleet bench-idle-sse clean
+.PHONY: run test install install-test install-examples example lint bench bench-anchor bench-fleet bench-idle-sse conformance clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,12 @@ example: install-examples
 
 test: install-test
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The official MCP conformance suite's server scenarios against tests/conformance_server.py, directly and through
+# the gateway, compared check by check (tests/conformance.py). Needs npm: the first run installs js/package.json
+# (Node 22 and the suite, about 15 s), then each run takes about 5 s.
+conformance: install-test
+	$(BIN)/python -m tests.conformance
 
 # About two minutes: the gateway beside direct (req/s, p50/p99, CPU per request, SSE, RSS). See docs/performance.md.
 bench: install

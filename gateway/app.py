@@ -22,6 +22,7 @@ from gateway.http1 import Http1Client
 from gateway.limits import LIMITS, Limits
 from gateway.log import AccessLog
 from gateway.metrics import METRICS, Metrics
+from gateway.origin import OriginPolicy
 from gateway.policy import TargetPolicy
 from gateway.proxy import Proxy
 from gateway.server import Server
@@ -59,7 +60,9 @@ def build_gateway_app(
     app.cleanup_ctx.append(upstream_client)
     app.cleanup_ctx.append(_watching_fds)
     app.cleanup_ctx.append(lambda _: deadlines.run())
-    handler = data_plane_handler(proxy, AccessLog(settings, metrics, engine.name), authenticate)
+    origins = OriginPolicy.build(settings.allow_origin, settings.allow_host)
+    handler = data_plane_handler(proxy, AccessLog(settings, metrics, engine.name), authenticate,
+                                 origins.check if origins.checks_anything else None)
     app[DATA_PLANE] = Server(handler, max_head_bytes=settings.max_header_size)
     return app
 

@@ -17,6 +17,7 @@ from yarl import URL
 
 from gateway.engines import ENGINE_NAMES
 from gateway.errors import ConfigError
+from gateway.origin import parse_allowed_host, parse_allowed_origin
 from gateway.policy import Rule
 
 
@@ -41,6 +42,8 @@ class Settings:
     metrics_multiproc_dir: str = ""
     target_allow: tuple[str, ...] = ()
     target_deny: tuple[str, ...] = ()
+    allow_origin: tuple[str, ...] = ()
+    allow_host: tuple[str, ...] = ()
     auth_token_file: str | None = None
     forward_authorization: bool = False
     max_body_size: int = 100 * 1024 * 1024
@@ -189,6 +192,12 @@ OPTIONS: Final[tuple[Option, ...]] = (
            repeat=True),
     Option("target_deny", "GATEWAY_TARGET_DENY", _target_rule,
            "denied targets, same forms as --target-allow, checked first; repeatable", repeat=True),
+    Option("allow_origin", "GATEWAY_ALLOW_ORIGIN", parse_allowed_origin,
+           "an Origin allowed besides loopback ones: scheme://host[:port], or * for any (403 otherwise); "
+           "repeatable", repeat=True),
+    Option("allow_host", "GATEWAY_ALLOW_HOST", parse_allowed_host,
+           "a Host the proxy answers to, with an optional :port (403 otherwise); repeatable; none: any Host",
+           repeat=True),
     Option("auth_token_file", "GATEWAY_AUTH_TOKEN_FILE", _token_file,
            "file of bearer tokens, one per line; when set the proxy port needs Authorization: Bearer"),
     Option("forward_authorization", "GATEWAY_FORWARD_AUTHORIZATION", _boolean,

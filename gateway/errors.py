@@ -14,12 +14,31 @@
     ├── UpstreamTimeout         504  no connection or no response headers in time
     ├── Unauthorized            401  --auth-token-file is set and the bearer token is missing or wrong
     ├── TargetForbidden         403  the target policy refuses the upstream address (names the rule)
+    ├── OriginForbidden         403  an Origin that is not allowed: DNS-rebinding protection (origin.py)
+    ├── HostForbidden           403  with --allow-host, a Host that is not one of the gateway's names
     ├── BodyTooLarge            413  the request body exceeds --max-body-size
     ├── TargetBusy              429  --max-inflight-per-target reached (Retry-After)
     ├── HeadersTooLarge         431  the request headers exceed --max-header-size
     ├── TooManyStreams          503  --max-streams reached (Retry-After)
     ├── GatewayOverloaded       503  the gateway's own resources ran out: fds, the upstream connection budget
     └── LoopDetected            508  the request already passed through this gateway
+
+A refused request whose body is a JSON-RPC request is answered in JSON-RPC instead (dataplane.py),
+because MCP clients show the message of a JSON-RPC error and drop any other body of a non-2xx
+response. Each class's `rpc_code` is the JSON-RPC error code: -32600 (Invalid Request) for input the
+caller must fix, -32603 for our own failure, and for the rest the implementation-defined band
+-32003..-32019, clear of the codes MCP SDKs use themselves (-32000 connection closed, -32001 request
+timeout, -32002 and -32042 retired by MCP, -32020 and up reserved for the MCP spec):
+
+    -32600  bad request or routing input    400, 413, 431
+    -32010  unauthorized                    401
+    -32011  forbidden                       403 (target, Origin, Host)
+    -32012  busy, retry later               429, 503 (Retry-After)
+    -32013  data plane not served           501
+    -32014  upstream unreachable or broken  502
+    -32015  upstream timeout                504
+    -32016  loop detected                   508
+    -32603  internal error                  500
 """
 
 from __future__ import annotations
@@ -44,6 +63,7 @@ class GatewayError(Exception):
 
     status: ClassVar[int] = 500
     code: ClassVar[str] = "internal_error"
+    rpc_code: ClassVar[int] = -32603
     # The connection is closed after the answer: what the client sends next cannot be trusted to parse.
     closes_connection: ClassVar[bool] = False
 
@@ -51,8 +71,18 @@ class GatewayError(Exception):
     def message(self) -> str:
         return str(self.args[0]) if self.args else self.code
 
+    def details(self) -> dict[str, Any]:
+        """Members a class adds to both bodies (TargetForbidden's rule)."""
+        return {}
+
     def body(self) -> dict[str, Any]:
-        return {"error": self.message, "code": self.code}
+        return {"error": self.message, "code": self.code, **self.details()}
+
+    def rpc_error(self, request_id: int | str) -> dict[str, Any]:
+        """The JSON-RPC error response to the request `request_id`, same message, status and code in `data`."""
+        data = {"status": self.status, "code": self.code, **self.details()}
+        return {"jsonrpc": "2.0", "id": request_id, "error": {"code": self.rpc_code, "message": self.message,
+                                                              "data": data}}
 
     def response_headers(self) -> dict[str, str]:
         return {}
@@ -61,12 +91,14 @@ class GatewayError(Exception):
 class BadRequest(GatewayError):
     status = 400
     code = "bad_request"
+    rpc_code = -32600
     closes_connection = True
 
 
 class MissingHeader(GatewayError):
     status = 400
     code = "missing_header"
+    rpc_code = -32600
 
     def __init__(self, name: str) -> None:
         super().__init__(f"{name} header is required")
@@ -75,6 +107,7 @@ class MissingHeader(GatewayError):
 class MalformedHeader(GatewayError):
     status = 400
     code = "malformed_header"
+    rpc_code = -32600
 
     def __init__(self, name: str, problem: str) -> None:
         super().__init__(f"{name} header {problem}")
@@ -83,6 +116,7 @@ class MalformedHeader(GatewayError):
 class MalformedPath(GatewayError):
     status = 400
     code = "malformed_path"
+    rpc_code = -32600
 
 
 class DataPlaneUnsupported(GatewayError):
@@ -90,9 +124,15 @@ class DataPlaneUnsupported(GatewayError):
 
     status = 501
     code = "data_plane_unsupported"
+    rpc_code = -32013
 
     def body(self) -> dict[str, Any]:
         return {"success": False, "code": self.status, "message": self.message, "data": None}
+
+    def rpc_error(self, request_id: int | str) -> dict[str, Any]:
+        # Both readers in one object: MCP clients read jsonrpc/id/error, the SDK's envelope parser
+        # success/code/message/data; neither looks at the other's members.
+        return {**super().rpc_error(request_id), **self.body()}
 
 
 class UnsupportedRequest(GatewayError):
@@ -112,21 +152,25 @@ class VersionNotSupported(GatewayError):
 class UpstreamUnreachable(GatewayError):
     status = 502
     code = "upstream_unreachable"
+    rpc_code = -32014
 
 
 class UpstreamBroken(GatewayError):
     status = 502
     code = "upstream_bad_response"
+    rpc_code = -32014
 
 
 class UpstreamTimeout(GatewayError):
     status = 504
     code = "upstream_timeout"
+    rpc_code = -32015
 
 
 class Unauthorized(GatewayError):
     status = 401
     code = "unauthorized"
+    rpc_code = -32010
 
     def response_headers(self) -> dict[str, str]:
         return {"WWW-Authenticate": 'Bearer realm="mcp-gateway"'}
@@ -135,28 +179,44 @@ class Unauthorized(GatewayError):
 class TargetForbidden(GatewayError):
     status = 403
     code = "target_forbidden"
+    rpc_code = -32011
 
     def __init__(self, message: str, rule: str) -> None:
         super().__init__(message)
         self.rule = rule
 
-    def body(self) -> dict[str, Any]:
-        return {"error": self.message, "code": self.code, "rule": self.rule}
+    def details(self) -> dict[str, Any]:
+        return {"rule": self.rule}
+
+
+class OriginForbidden(GatewayError):
+    status = 403
+    code = "origin_forbidden"
+    rpc_code = -32011
+
+
+class HostForbidden(GatewayError):
+    status = 403
+    code = "host_forbidden"
+    rpc_code = -32011
 
 
 class BodyTooLarge(GatewayError):
     status = 413
     code = "body_too_large"
+    rpc_code = -32600
 
 
 class HeadersTooLarge(GatewayError):
     status = 431
     code = "headers_too_large"
+    rpc_code = -32600
     closes_connection = True
 
 
 class _RetryLater(GatewayError):
     retry_after_s: ClassVar[int] = 1
+    rpc_code = -32012
 
     def response_headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
@@ -182,6 +242,7 @@ class GatewayOverloaded(_RetryLater):
 class LoopDetected(GatewayError):
     status = 508
     code = "loop_detected"
+    rpc_code = -32016
 
 
 def authority(url: URL) -> str:

@@ -1,13 +1,16 @@
-"""Naming the JSON-RPC method of a request body for metric labels, from at most its first 8 KiB.
+"""Reading JSON-RPC request bodies: the method for metric labels (from at most the first 8 KiB), and
+the ids a refusal answers (from a small body that arrived whole).
 
 Best effort and never an error: an MCP method from the allow-list, `other`, `batch`, or "" when the
-bytes are not a JSON-RPC request (garbage, a response, or a method not found in the first 8 KiB).
+bytes are not a JSON-RPC request (garbage, a response, or a method not found in the first 8 KiB);
+no ids when the body holds no request that expects an answer.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from typing import Final
 
 # The MCP methods and notifications (spec 2025-06-18 and 2025-11-25). Anything else is `other`,
@@ -59,3 +62,36 @@ def rpc_method(head: bytes | bytearray) -> str:
         if isinstance(method, str):
             return method if method in MCP_METHODS else "other"
     return ""
+
+
+RequestId = int | str
+
+
+@dataclass(frozen=True, slots=True)
+class RpcRequests:
+    """The JSON-RPC requests of a body that expect an answer: their ids, and whether it was a batch."""
+
+    ids: tuple[RequestId, ...]
+    batch: bool
+
+
+def _request_id(message: object) -> RequestId | None:
+    """The id of a JSON-RPC 2.0 request (MCP: a string or an integer, never null), else None."""
+    if not isinstance(message, dict) or message.get("jsonrpc") != "2.0" or not isinstance(message.get("method"), str):
+        return None
+    request_id = message.get("id")
+    return request_id if isinstance(request_id, int | str) and not isinstance(request_id, bool) else None
+
+
+def rpc_requests(body: bytes | bytearray) -> RpcRequests | None:
+    """The requests a whole body holds, for answering them with JSON-RPC errors; None for anything else
+    (notifications only, responses, garbage). The caller passes only a small body that has arrived whole."""
+    try:
+        message = json.loads(body)
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if isinstance(message, list):
+        ids = tuple(request_id for item in message if (request_id := _request_id(item)) is not None)
+        return RpcRequests(ids, batch=True) if ids else None
+    request_id = _request_id(message)
+    return None if request_id is None else RpcRequests((request_id,), batch=False)

@@ -31,6 +31,7 @@ from gateway.errors import (
     BadUpstreamResponse,
     ConfigError,
     GatewayError,
+    TargetForbidden,
     UpstreamBroken,
     UpstreamTimeout,
     UpstreamUnreachable,
@@ -288,7 +289,7 @@ _UPSTREAM_CODES: Final = frozenset({UpstreamUnreachable.code, UpstreamBroken.cod
 def upstream_error_kind(error: GatewayError) -> str:
     """The `kind` of an error answered before any response byte, or "" if the upstream is not to blame."""
     if error.code not in _UPSTREAM_CODES:
-        return "policy" if error.status == 403 else ""
+        return "policy" if error.code == TargetForbidden.code else ""  # not Origin or Host: no target involved
     cause = error.__cause__
     if isinstance(cause, TimeoutError):
         return "timeout"

@@ -35,8 +35,15 @@ class McpUpstream:
 
 @contextmanager
 def running_example_server(transport: str) -> Iterator[McpUpstream]:
+    with running_mcp_server([str(EXAMPLE_SERVER), "--port", "0", "--transport", transport]) as upstream:
+        yield upstream
+
+
+@contextmanager
+def running_mcp_server(args: list[str]) -> Iterator[McpUpstream]:
+    """A Python MCP server started with these arguments, which prints `listening on URL` once bound."""
     process = subprocess.Popen(
-        [sys.executable, str(EXAMPLE_SERVER), "--port", "0", "--transport", transport],
+        [sys.executable, *args],
         stdout=subprocess.PIPE,  # stderr is inherited: pytest shows it when a test fails
         text=True,
     )
@@ -66,7 +73,7 @@ def _first_line(process: subprocess.Popen[str]) -> str:
                 return line
             if not line and process.poll() is not None:
                 break
-    raise RuntimeError(f"example MCP server did not start (exit code {process.poll()})")
+    raise RuntimeError(f"MCP server did not start (exit code {process.poll()})")
 
 
 @dataclass(frozen=True, slots=True)

@@ -94,3 +94,31 @@ def test_every_setting_is_documented_in_the_readme_and_the_shipped_config() -> N
     undocumented = [option.flag for option in OPTIONS if f"`{option.flag}`" not in readme]
     missing_from_config = [option.name for option in OPTIONS if option.name not in shipped]
     assert (undocumented, missing_from_config) == ([], [])
+
+
+def test_allowed_origins_and_hosts_come_from_flags_environment_or_file(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text('allow_origin = ["https://App.example.com:443"]\nallow_host = ["gw.example.com:8081"]\n')
+
+    from_flags = load_settings(["--allow-origin", "http://a.example", "--allow-origin", "*",
+                                "--allow-host", "GW.example.com"], {})
+    from_env = load_settings([], {"GATEWAY_ALLOW_ORIGIN": "http://a.example:8080, http://b.example",
+                                  "GATEWAY_ALLOW_HOST": "[::1]:8081"})
+    from_file = load_settings(["--config", str(config)], {})
+
+    assert (from_flags.allow_origin, from_flags.allow_host) == (("http://a.example", "*"), ("gw.example.com",))
+    assert (from_env.allow_origin, from_env.allow_host) == (("http://a.example:8080", "http://b.example"),
+                                                            ("[::1]:8081",))
+    assert (from_file.allow_origin, from_file.allow_host) == (("https://app.example.com",), ("gw.example.com:8081",))
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--allow-origin", "http://a.example/path"], "--allow-origin: ['http://a.example/path'] from --allow-origin "
+                                                  "must be * or an origin"),
+    (["--allow-origin", "a.example"], "--allow-origin: ['a.example'] from --allow-origin must be * or an origin"),
+    (["--allow-host", "a b"], "--allow-host: ['a b'] from --allow-host must be * or a host name"),
+])
+def test_bad_allowed_origins_and_hosts_stop_startup(argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(argv, {})
+    assert str(caught.value).startswith(message)

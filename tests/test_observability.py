@@ -173,8 +173,10 @@ async def test_one_access_line_per_request_with_its_fields(
     refused = await observed.gateway.post("/mcp", data=rpc("tools/call"), headers={REQUEST_ID: "req-def"})
 
     assert (forwarded.status, forwarded.headers[REQUEST_ID]) == (200, "req-abc")
-    assert (refused.status, await refused.json(), refused.headers[REQUEST_ID]) == (
-        400, {"error": "AEnvCore-MCPProxy-URL header is required", "code": "missing_header"}, "req-def")
+    # A JSON-RPC request is refused in JSON-RPC, the form MCP clients show (#13).
+    assert (refused.status, await refused.json(), refused.headers[REQUEST_ID]) == (400, {
+        "jsonrpc": "2.0", "id": 1, "error": {"code": -32600, "message": "AEnvCore-MCPProxy-URL header is required",
+                                             "data": {"status": 400, "code": "missing_header"}}}, "req-def")
     [line_ok, line_refused] = log_lines(log_stream)  # nothing else: the refusal is logged once
     for line in (line_ok, line_refused):
         assert isinstance(line.pop("timestamp"), str)
@@ -269,7 +271,7 @@ async def test_upstream_failures_are_counted_by_kind(
     broken_body = await asyncio.wait_for(broken.read(), 5)
     text = await observed.metrics()
 
-    assert (refused.status, (await refused.json())["code"]) == (502, "upstream_unreachable")
+    assert (refused.status, (await refused.json())["error"]["data"]["code"]) == (502, "upstream_unreachable")
     assert (broken.status, broken_body) == (200, b"data: one\n\n")  # the stream ends; nothing is invented
     errors = samples(text, "aenv_gateway_upstream_errors_total")
     assert {labels[0][1]: value for labels, value in errors.items() if value} == {
