@@ -30,11 +30,11 @@ caller must fix, -32603 for our own failure, and for the rest the implementation
 -32003..-32019, clear of the codes MCP SDKs use themselves (-32000 connection closed, -32001 request
 timeout, -32002 and -32042 retired by MCP, -32020 and up reserved for the MCP spec):
 
-    -32600  bad request or routing input    400, 413, 431
+    -32600  bad request or routing input    400, 413, 431; 501 CONNECT or OPTIONS *, 505
     -32010  unauthorized                    401
     -32011  forbidden                       403 (target, Origin, Host)
-    -32012  busy, retry later               429, 503 (Retry-After)
-    -32013  data plane not served           501
+    -32012  busy, retry later               429, 503 (Retry-After: streams, the gateway overloaded)
+    -32013  data plane not served           501 (arca reject mode)
     -32014  upstream unreachable or broken  502
     -32015  upstream timeout                504
     -32016  loop detected                   508
@@ -140,12 +140,14 @@ class UnsupportedRequest(GatewayError):
 
     status = 501
     code = "unsupported_request"
+    rpc_code = -32600
     closes_connection = True  # a tunnel's bytes may follow the head
 
 
 class VersionNotSupported(GatewayError):
     status = 505
     code = "version_not_supported"
+    rpc_code = -32600
     closes_connection = True
 
 
