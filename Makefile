@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
-.PHONY: run test install install-test install-examples example lint bench bench-anchor bench-fleet bench-idle-sse conformance clean
+.PHONY: run test install install-test install-js install-examples example lint bench bench-anchor bench-fleet bench-idle-sse conformance clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,16 @@ install-examples: $(VENV)/.installed-examples
 
 install-test: $(VENV)/.installed-test
 
+# Node 22 and the JavaScript packages (js/package.json: the TypeScript SDK, the conformance suite), for
+# the TypeScript client test and `make conformance`; without npm those are skipped, saying why.
+JS_INSTALLED := js/node_modules/.package-lock.json
+$(JS_INSTALLED): js/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+		cd js && npm ci --no-audit --no-fund --ignore-scripts --loglevel=error >/dev/null; \
+	else echo "npm not found: the TypeScript client test and make conformance are skipped"; fi
+
+install-js: $(JS_INSTALLED)
+
 run: install
 	$(BIN)/mcp-gateway --config config/gateway.toml
 
@@ -34,13 +44,13 @@ run: install
 example: install-examples
 	$(BIN)/python examples/mcp_server.py --port 9000
 
-test: install-test
+test: install-test install-js
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The official MCP conformance suite's server scenarios against tests/conformance_server.py, directly and through
 # the gateway, compared check by check (tests/conformance.py). Needs npm: the first run installs js/package.json
 # (Node 22 and the suite, about 15 s), then each run takes about 5 s.
-conformance: install-test
+conformance: install-test install-js
 	$(BIN)/python -m tests.conformance
 
 # About two minutes: the gateway beside direct (req/s, p50/p99, CPU per request, SSE, RSS). See docs/performance.md.
