@@ -30,6 +30,7 @@ from gateway.http1 import Http1Client
 from gateway.metrics import Metrics
 from tests.conftest import gateway_settings
 from tests.process import gateway_process
+from tests.raw_servers import RawServers
 
 
 @dataclass(slots=True)
@@ -56,22 +57,19 @@ StartFleet = Callable[..., Awaitable[Fleet]]
 
 @pytest.fixture
 async def fleet() -> AsyncIterator[StartFleet]:
-    servers: list[asyncio.Server] = []
-    tasks: set[asyncio.Task[None]] = set()
+    servers = RawServers()
 
     async def start(count: int, delay_s: float = 0.0, close_idle_after_s: float | None = None,
                     keep_alive_header: str | None = None) -> Fleet:
         """count upstreams; each answer after delay_s; an idle connection closed after close_idle_after_s
         (as uvicorn does after 5 s); keep_alive_header sent as Keep-Alive."""
         started = Fleet()
+        extra = f"Keep-Alive: {keep_alive_header}\r\n".encode() if keep_alive_header else b""
         for _ in range(count):
             target = Target(URL("http://127.0.0.1"))
 
             async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                             target: Target = target) -> None:
-                task = asyncio.current_task()
-                assert task is not None
-                tasks.add(task)
                 target.opened += 1
                 try:
                     while True:
@@ -84,29 +82,17 @@ async def fleet() -> AsyncIterator[StartFleet]:
                         if delay_s:
                             await asyncio.sleep(delay_s)
                         body = str(target.url.port).encode()
-                        extra = f"Keep-Alive: {keep_alive_header}\r\n" if keep_alive_header else ""
-                        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%b\r\n%b"
-                                     % (len(body), extra.encode(), body))
+                        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%b\r\n%b" % (len(body), extra, body))
                         await writer.drain()
-                except (asyncio.IncompleteReadError, ConnectionError, TimeoutError, asyncio.CancelledError):
-                    pass
                 finally:
                     target.closed += 1
-                    writer.close()
-                    tasks.discard(task)
 
-            server = await asyncio.start_server(serve, "127.0.0.1", 0)
-            servers.append(server)
-            target.url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+            target.url = await servers.start(serve)
             started.targets.append(target)
         return started
 
     yield start
-    for server in servers:
-        server.close()
-    for task in list(tasks):
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await servers.close()
 
 
 def client(**settings: float) -> Http1Client:

@@ -27,6 +27,7 @@ from gateway.http1 import Http1Client
 from gateway.upstream import AiohttpClient as AiohttpUpstreamClient
 from gateway.upstream import UpstreamClient
 from tests.conftest import serve_gateway
+from tests.raw_servers import RawServers
 from tests.test_http_semantics import Gateway, RawResponse, assert_closed_by_server, connect, read_response
 
 # A step of a scripted answer: bytes to write, seconds to wait, or how the connection ends.
@@ -58,8 +59,7 @@ class ScriptedUpstream:
 
 @pytest.fixture
 async def scripted() -> AsyncIterator[Callable[[Script], Awaitable[ScriptedUpstream]]]:
-    servers: list[asyncio.Server] = []
-    tasks: set[asyncio.Task[None]] = set()
+    servers = RawServers()
 
     async def start(script: Script) -> ScriptedUpstream:
         upstream = ScriptedUpstream(URL("http://127.0.0.1"))
@@ -67,51 +67,34 @@ async def scripted() -> AsyncIterator[Callable[[Script], Awaitable[ScriptedUpstr
 
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             number = next(numbers)
-            task = asyncio.current_task()
-            assert task is not None
-            tasks.add(task)
-            try:
-                for index in range(1000):
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    for line in head.split(b"\r\n"):
-                        if line.lower().startswith(b"content-length:"):
-                            await reader.readexactly(int(line.split(b":", 1)[1]))
-                    upstream.seen.append((number, head.split(b" ", 2)[1]))
-                    for step in script(number, index, head):
-                        if isinstance(step, float):
-                            await writer.drain()
-                            await asyncio.sleep(step)
-                        elif step == RESET:
-                            sock = writer.get_extra_info("socket")
-                            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                            writer.transport.abort()
-                            return
-                        elif step == CLOSE:
-                            await writer.drain()
-                            return
-                        else:
-                            assert isinstance(step, bytes)
-                            writer.write(step)
-                    await writer.drain()
-            except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-                pass
-            finally:
-                writer.close()
-                tasks.discard(task)
+            for index in range(1000):
+                head = await reader.readuntil(b"\r\n\r\n")
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        await reader.readexactly(int(line.split(b":", 1)[1]))
+                upstream.seen.append((number, head.split(b" ", 2)[1]))
+                for step in script(number, index, head):
+                    if isinstance(step, float):
+                        await writer.drain()
+                        await asyncio.sleep(step)
+                    elif step == RESET:
+                        sock = writer.get_extra_info("socket")
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                        writer.transport.abort()
+                        return
+                    elif step == CLOSE:
+                        await writer.drain()
+                        return
+                    else:
+                        assert isinstance(step, bytes)
+                        writer.write(step)
+                await writer.drain()
 
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        servers.append(server)
-        upstream.url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        upstream.url = await servers.start(serve)
         return upstream
 
     yield start
-    for server in servers:
-        server.close()
-    for task in list(tasks):
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    for server in servers:
-        await server.wait_closed()
+    await servers.close()
 
 
 PATHS = (b"/first", b"/second", b"/third")
@@ -472,26 +455,15 @@ TRANSPORTS: dict[str, Callable[[Settings], UpstreamClient]] = {"lean": Http1Clie
 
 
 async def _trailing_bytes_round(transport: str, trailing: bytes) -> list[tuple[int, bytes]]:
-    tasks: set[asyncio.Task[None]] = set()
-
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        tasks.add(task)
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                reply = honest(head)
-                writer.write(reply + trailing if head.startswith(b"GET /first ") else reply)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.close()
-            tasks.discard(task)
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            reply = honest(head)
+            writer.write(reply + trailing if head.startswith(b"GET /first ") else reply)
+            await writer.drain()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+    servers = RawServers()
+    url = await servers.start(serve)
     client = TRANSPORTS[transport](Settings(connect_timeout_s=2.0, connect_retry_budget_s=0.0))
     got: list[tuple[int, bytes]] = []
     try:
@@ -509,11 +481,7 @@ async def _trailing_bytes_round(transport: str, trailing: bytes) -> list[tuple[i
             got.append((response.status, body))
     finally:
         await client.close()
-        server.close()
-        for task in list(tasks):
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await server.wait_closed()
+        await servers.close()
     return got
 
 
