@@ -80,7 +80,7 @@ class _Connection(asyncio.Protocol):
         self.idle = False
         self._pool = pool
         self._loop = loop
-        self._parser = HttpResponseParser(self)  # one per exchange: begin() makes the next
+        self._parser = HttpResponseParser(self)  # back at its start after each response; begin() replaces it after HEAD
         self._transport: asyncio.Transport | None = None
         self._write_waiter: asyncio.Future[None] | None = None
         self._reset_exchange(head_request=False)
@@ -351,7 +351,7 @@ class _Connection(asyncio.Protocol):
     def begin(self, head_request: bool) -> None:
         self.idle = False
         self.idle_until = _FOREVER
-        if self.reused:  # a fresh parser: no state of the last exchange's can reach this one
+        if self._head_request:  # llhttp still waits for the body of the last (HEAD) response: start afresh
             self._parser = HttpResponseParser(self)
         self._reset_exchange(head_request)
 

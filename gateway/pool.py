@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Final, Generic, Protocol, TypeVar
 
@@ -34,6 +33,8 @@ UPSTREAM_CLOSED: Final = "upstream_closed"  # the upstream closed it, or said Co
 ERROR: Final = "error"  # its exchange failed or was not read to the end; bytes past a response's end
 SHUTDOWN: Final = "shutdown"
 CLOSE_REASONS: Final = (IDLE_TIMEOUT, EVICTED, UPSTREAM_CLOSED, ERROR, SHUTDOWN)
+# The timer drops hosts with no idle connection every this many ticks: an O(hosts) pass, seldom.
+PRUNE_EVERY: Final = 16
 
 
 class Pooled(Protocol):
@@ -67,11 +68,16 @@ class Pool(Generic[C]):
         self.max_connections = max_connections
         self.max_idle = max_idle
         self.idle_timeout_s = idle_timeout_s
-        self._by_key: dict[PoolKey, deque[C]] = {}  # each host's idle connections, oldest first
-        self._lru: OrderedDict[C, None] = OrderedDict()  # every idle connection, oldest first
+        # Each host's idle connections, oldest first. A host's list stays when it empties (a busy host
+        # empties and refills it on every call); the timer drops the empty ones now and then.
+        self._by_key: dict[PoolKey, list[C]] = {}
+        # Every idle connection, oldest first: a dict keeps insertion order, and sets and deletes faster than
+        # an OrderedDict; only eviction and expiry read its front.
+        self._lru: dict[C, None] = {}
         self._busy: set[C] = set()
         self._reserved = 0  # connections being opened
         self._timer: asyncio.TimerHandle | None = None
+        self._ticks = 0
         self.opened = 0
         self.closed: dict[str, int] = dict.fromkeys(CLOSE_REASONS, 0)
 
@@ -88,23 +94,18 @@ class Pool(Generic[C]):
     def take(self, key: PoolKey) -> C | None:
         """The most recently used idle connection to key that may still be used, now busy; or None."""
         idle = self._by_key.get(key)
-        if idle is None:
+        if not idle:
             return None
         now = time.monotonic()
-        connection = None
         while idle:
-            candidate = idle.pop()
-            del self._lru[candidate]
-            if now < candidate.idle_until:
-                connection = candidate
-                break
-            self._close(candidate, IDLE_TIMEOUT)  # those left are older still: the next take or the timer
-        if not idle:
-            del self._by_key[key]
-        if connection is not None:
-            connection.idle = False
-            self._busy.add(connection)
-        return connection
+            connection = idle.pop()
+            del self._lru[connection]
+            if now < connection.idle_until:
+                connection.idle = False
+                self._busy.add(connection)
+                return connection
+            self._close(connection, IDLE_TIMEOUT)  # past its time: the older ones are too
+        return None
 
     def reserve(self) -> None:
         """Room for one more connection, about to be opened: an idle one is closed if the budget is full."""
@@ -145,10 +146,12 @@ class Pool(Generic[C]):
             self._evict_oldest()
         connection.idle = True
         connection.idle_since = now
-        connection.idle_until = min(connection.idle_until, now + self.idle_timeout_s)
+        until = now + self.idle_timeout_s
+        if connection.idle_until > until:  # not sooner already, by the upstream's Keep-Alive
+            connection.idle_until = until
         idle = self._by_key.get(connection.key)
         if idle is None:
-            idle = self._by_key[connection.key] = deque()
+            idle = self._by_key[connection.key] = []
         idle.append(connection)
         self._lru[connection] = None
         if self._timer is None:
@@ -158,10 +161,7 @@ class Pool(Generic[C]):
         """The upstream closed an idle connection: forget it (its transport is closing already)."""
         connection.idle = False
         if self._lru.pop(connection, False) is not False:
-            idle = self._by_key[connection.key]
-            idle.remove(connection)
-            if not idle:
-                del self._by_key[connection.key]
+            self._by_key[connection.key].remove(connection)
             self.closed[UPSTREAM_CLOSED] += 1
 
     def shed(self, count: int) -> int:
@@ -177,7 +177,8 @@ class Pool(Generic[C]):
             self._timer.cancel()
             self._timer = None
         while self._lru:
-            connection, _ = self._lru.popitem(last=False)
+            connection = next(iter(self._lru))
+            del self._lru[connection]
             self._close(connection, SHUTDOWN)
         self._by_key.clear()
         for connection in self._busy:
@@ -192,8 +193,12 @@ class Pool(Generic[C]):
         self._timer = asyncio.get_running_loop().call_later(tick, self._expire)
 
     def _expire(self) -> None:
-        """The timer: close what has been idle for idle_timeout_s; the oldest first, so it stops early."""
+        """The timer: close what has been idle for idle_timeout_s; the oldest first, so it stops early.
+        Every PRUNE_EVERY ticks it also drops the hosts whose lists are empty."""
         self._timer = None
+        self._ticks += 1
+        if self._ticks % PRUNE_EVERY == 0:
+            self._by_key = {key: idle for key, idle in self._by_key.items() if idle}
         oldest_kept = time.monotonic() - self.idle_timeout_s
         lru = self._lru
         while lru:
@@ -202,7 +207,7 @@ class Pool(Generic[C]):
                 break
             self._drop_oldest(connection)
             self._close(connection, IDLE_TIMEOUT)
-        if lru:
+        if lru or self._by_key:
             self._arm()
 
     def _evict_oldest(self) -> None:
@@ -213,10 +218,7 @@ class Pool(Generic[C]):
     def _drop_oldest(self, connection: C) -> None:
         """Take the globally least recently used idle connection out: the oldest of its host's too."""
         del self._lru[connection]
-        idle = self._by_key[connection.key]
-        idle.popleft()
-        if not idle:
-            del self._by_key[connection.key]
+        del self._by_key[connection.key][0]
 
     def _close(self, connection: C, reason: str) -> None:
         connection.idle = False

@@ -422,7 +422,7 @@ class _Connection(asyncio.Protocol):
             return
         headers = CIMultiDictProxy(CIMultiDict(self._headers))
         length = headers.get(CONTENT_LENGTH)
-        if length is not None and length != str(int(length)):  # llhttp accepted it: digits, maybe leading zeros
+        if length is not None and length[0] == "0" and len(length) > 1:  # llhttp took digits only: leading zeros
             headers = _canonical_length(headers, int(length))  # the upstream gets the length in one form only
         request = Request(self, parser.get_method().decode("ascii"), self._url.decode("utf-8", "surrogateescape"),
                           parser.get_http_version(), headers, self._header_bytes, parser.should_keep_alive())

@@ -39,8 +39,7 @@ def check(pool: Pool[FakeConnection], busy: list[FakeConnection]) -> None:
     assert len(pool._lru) <= pool.max_idle
     held = [c for queue in pool._by_key.values() for c in queue]
     assert sorted(map(id, held)) == sorted(map(id, pool._lru))
-    assert all(queue for queue in pool._by_key.values())  # no empty list left behind
-    for key, queue in pool._by_key.items():
+    for key, queue in pool._by_key.items():  # (an emptied list may stay until the timer prunes it)
         assert all(c.key == key and c.idle and not c.closed for c in queue)
         order = [c for c in pool._lru if c.key == key]
         assert list(queue) == order  # oldest first, in both
