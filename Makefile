@@ -74,7 +74,7 @@ bench-fleet: install
 
 # RSS growth per idle SSE stream, up to 10,000 streams opened and closed by the script (STREAMS=...).
 bench-idle-sse: install
-	$(BIN)/python bench/idle_sse.py $(if $(STREAMS),--streams $(STREAMS))
+	$(BIN)/python bench/idle_sse.py $(if $(STREAMS),--streams $(STREAMS)) $(if $(ROUNDS),--rounds $(ROUNDS))
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -51,6 +51,18 @@ async def wait_until(predicate: object, limit_s: float) -> bool:
     return False
 
 
+async def measure_rounds(
+    rounds: int, streams: int, gateway_pid: int, gateway_port: int, upstream_port: int, batch: int
+) -> dict[str, object]:
+    """The first round's figures, and each round's RSS after its streams closed: a figure that stays
+    level from round to round is memory the allocator keeps for reuse, one that climbs is held."""
+    first = await measure(streams, gateway_pid, gateway_port, upstream_port, batch)
+    after = [first["rss_after_close_mb"]]
+    for _ in range(rounds - 1):
+        after.append((await measure(streams, gateway_pid, gateway_port, upstream_port, batch))["rss_after_close_mb"])
+    return {**first, "rss_after_close_mb_by_round": after} if rounds > 1 else dict(first)
+
+
 async def measure(
     streams: int, gateway_pid: int, gateway_port: int, upstream_port: int, batch: int
 ) -> dict[str, float]:
@@ -94,6 +106,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=500)
     parser.add_argument("--port-base", type=int, default=19900)
     parser.add_argument("--gateway-args", default="")
+    parser.add_argument("--rounds", type=int, default=1, help="open and close the streams this many times")
     args = parser.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     limit = hard if hard != resource.RLIM_INFINITY else 1 << 20
@@ -112,9 +125,11 @@ def main() -> None:
           started(pinned(1, gateway_argv), gateway_port, results / "gateway-idle.log") as gateway):
         try:
             import uvloop
-            figures = uvloop.run(measure(streams, gateway.pid, gateway_port, upstream_port, args.batch))
+            figures = uvloop.run(measure_rounds(args.rounds, streams, gateway.pid, gateway_port, upstream_port,
+                                                args.batch))
         except ImportError:
-            figures = asyncio.run(measure(streams, gateway.pid, gateway_port, upstream_port, args.batch))
+            figures = asyncio.run(measure_rounds(args.rounds, streams, gateway.pid, gateway_port, upstream_port,
+                                                 args.batch))
     print(json.dumps(figures, indent=1))
     (results / "idle_sse.json").write_text(json.dumps(figures, indent=1))
 
