@@ -16,7 +16,7 @@ from gateway.engines import Target
 from gateway.errors import BodyTooLarge, HeadersTooLarge, TargetBusy, TooManyStreams, authority
 from gateway.exchange import Exchange
 from gateway.headers import SANDBOX_ID
-from gateway.server import Request
+from gateway.messages import Request
 
 if TYPE_CHECKING:
     from gateway.config import Settings

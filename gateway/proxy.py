@@ -25,8 +25,8 @@ from gateway.headers import (
     upstream_request_headers,
 )
 from gateway.limits import Limits
+from gateway.messages import NO_BODY_STATUSES, Request, Response, StreamResponse, json_response
 from gateway.metrics import Metrics
-from gateway.server import NO_BODY_STATUSES, Request, Response, StreamResponse, json_response
 from gateway.upstream import Body, UpstreamClient, UpstreamResponse
 from gateway.via import VIA
 

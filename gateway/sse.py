@@ -15,7 +15,7 @@ import structlog
 
 from gateway.exchange import Exchange
 from gateway.limits import OpenStream
-from gateway.server import StreamResponse
+from gateway.messages import StreamResponse
 from gateway.upstream import UpstreamResponse
 
 log = structlog.get_logger(__name__)
