@@ -13,7 +13,7 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway.app import DATA_PLANE
 from gateway.headers import MCP_PROXY_URL
-from gateway.http1 import _Connection as UpstreamConnection
+from gateway.http1 import UpstreamConnection
 from gateway.server import ClientConnection
 from tests.conftest import serve_gateway
 
