@@ -26,10 +26,8 @@ from gateway.headers import MCP_PROXY_URL
 from gateway.limits import LIMITS
 from gateway.messages import Request, Response, StreamResponse
 from gateway.server import Server
-from tests.conftest import Upstream, gateway_settings, serve_gateway
+from tests.conftest import EchoUpstream, Gateway, Upstream, gateway_settings, serve_gateway
 from tests.test_http_semantics import (
-    EchoUpstream,
-    Gateway,
     RawResponse,
     assert_closed_by_server,
     connect,
@@ -38,8 +36,6 @@ from tests.test_http_semantics import (
     request,
     serve,
 )
-from tests.test_http_semantics import echo as echo  # the fixtures, used here too
-from tests.test_http_semantics import gateway as gateway
 
 
 async def eventually(check: Callable[[], bool], timeout_s: float = 3.0) -> bool:
