@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
-from gateway.engines import Target
+from gateway.engines.base import Target
 from gateway.errors import BodyTooLarge, HeadersTooLarge, TargetBusy, TooManyStreams, authority
 from gateway.exchange import Exchange
 from gateway.headers import SANDBOX_ID

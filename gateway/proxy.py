@@ -14,7 +14,7 @@ from typing import Final
 from gateway import sse
 from gateway.config import Settings
 from gateway.deadlines import Deadlines, IdleTimeout
-from gateway.engines import Engine
+from gateway.engines.base import Engine
 from gateway.errors import UpstreamErrors, authority
 from gateway.exchange import Exchange
 from gateway.headers import (
