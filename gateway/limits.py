@@ -10,8 +10,6 @@ import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
 from typing import TYPE_CHECKING, Final
 
-from aiohttp import web
-
 from gateway.engines.base import Target
 from gateway.errors import BodyTooLarge, HeadersTooLarge, TargetBusy, TooManyStreams, authority
 from gateway.exchange import Exchange
@@ -114,6 +112,3 @@ class Limits:
                 pass
         for stream in list(self.streams):
             stream.close()
-
-
-LIMITS: Final = web.AppKey("limits", Limits)

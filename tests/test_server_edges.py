@@ -21,9 +21,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway import server as server_module
-from gateway.app import DATA_PLANE, DataPlaneRunner, build_gateway_app
+from gateway.app import DATA_PLANE, LIMITS, DataPlaneRunner, build_gateway_app
 from gateway.headers import MCP_PROXY_URL
-from gateway.limits import LIMITS
 from gateway.messages import Request, Response, StreamResponse
 from gateway.server import Server
 from tests.conftest import EchoUpstream, Gateway, Upstream, gateway_settings, serve_gateway
