@@ -47,6 +47,11 @@ example: install-examples
 test: install-test install-js
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# ruff and mypy --strict, as configured in pyproject.toml (both pinned in the test extra).
+lint: install-test
+	$(BIN)/ruff check gateway tests bench examples
+	$(BIN)/mypy --strict gateway
+
 # The official MCP conformance suite's server scenarios against tests/conformance_server.py, directly and through
 # the gateway, compared check by check (tests/conformance.py). Needs npm: the first run installs js/package.json
 # (Node 22 and the suite, about 15 s), then each run takes about 5 s.
@@ -58,7 +63,7 @@ bench: install
 	$(BIN)/python bench/run.py
 
 # The shared anchor benchmark (nginx, go-mimic, direct, the gateway) when ../shared/bench exists; ~4 minutes.
-ANCHOR ?= $(firstword $(wildcard ../shared/bench /work/shared/bench))
+ANCHOR ?= $(wildcard $(CURDIR)/../shared/bench)
 bench-anchor: install
 	@test -n "$(ANCHOR)" || { echo "no ../shared/bench here: use make bench"; exit 1; }
 	B=$$(mktemp -d)/bench && cp -r $(ANCHOR) "$$B" && \
@@ -77,4 +82,4 @@ bench-idle-sse: install
 	$(BIN)/python bench/idle_sse.py $(if $(STREAMS),--streams $(STREAMS)) $(if $(ROUNDS),--rounds $(ROUNDS))
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache

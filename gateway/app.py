@@ -19,7 +19,7 @@ from gateway.dataplane import data_plane_handler
 from gateway.deadlines import Deadlines
 from gateway.engines import Engine, build_engine
 from gateway.http1 import Http1Client
-from gateway.limits import LIMITS, Limits
+from gateway.limits import Limits
 from gateway.log import AccessLog
 from gateway.metrics import METRICS, Metrics
 from gateway.origin import OriginPolicy
@@ -31,6 +31,8 @@ from gateway.via import new_mark
 
 # The server of the data plane (server.py), calling its one handler (dataplane.py) for every request.
 DATA_PLANE: Final[web.AppKey[Server]] = web.AppKey("data_plane")
+# Its Limits, for the drain (cli) and the tests; limits.py itself knows nothing of aiohttp.
+LIMITS: Final = web.AppKey("limits", Limits)
 
 
 def build_gateway_app(

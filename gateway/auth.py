@@ -13,7 +13,7 @@ from aiohttp import hdrs
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.errors import Unauthorized
-from gateway.server import Request
+from gateway.messages import Request
 
 
 def _digest(token: str) -> bytes:

@@ -15,13 +15,13 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 
 from gateway.admin import Readiness
-from gateway.app import DataPlaneRunner, build_admin_app, build_gateway_app
+from gateway.app import LIMITS, DataPlaneRunner, build_admin_app, build_gateway_app
 from gateway.capacity import raise_fd_limit
 from gateway.config import Settings, load_settings
 from gateway.engines import Engine, build_engine
 from gateway.errors import ConfigError
 from gateway.http1 import default_max_connections
-from gateway.limits import LIMITS, Limits
+from gateway.limits import Limits
 from gateway.log import configure_logging, shown_settings
 from gateway.metrics import Metrics, use_multiprocess_dir
 from gateway.supervisor import SUPERVISOR_PID_ENV, supervise

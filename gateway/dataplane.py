@@ -24,8 +24,8 @@ from gateway.exchange import CLIENT_CLOSED, INTERNAL_ERROR, Exchange
 from gateway.headers import REQUEST_ID
 from gateway.jsonrpc import rpc_requests
 from gateway.log import AccessLog
+from gateway.messages import Request, Response, StreamResponse, json_response
 from gateway.proxy import SMALL_BODY_BYTES, Proxy
-from gateway.server import Request, Response, StreamResponse, json_response
 from gateway.via import refuse_loops
 
 DataPlaneHandler = Callable[[Request], Awaitable[Response | StreamResponse]]

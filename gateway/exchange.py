@@ -8,13 +8,11 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from gateway.errors import GatewayError
 from gateway.jsonrpc import PEEK_BYTES
-
-if TYPE_CHECKING:
-    from gateway.limits import OpenStream
+from gateway.streams import OpenStream
 
 # Outcomes, the `outcome` field of the access log line.
 OK: Final = "ok"
@@ -71,7 +69,7 @@ class Exchange:
         self.status = 0  # set when the response starts
         self.bytes_out = 0  # relayed response body bytes
         self.counted_as: str | None = None  # the --max-inflight-per-target key it holds (limits.py)
-        self.stream: OpenStream | None = None  # the SSE stream it relays (limits.py)
+        self.stream: OpenStream | None = None  # the SSE stream it relays (streams.py)
 
     def keep_body_chunk(self, chunk: bytes) -> None:
         """Keep the first bytes of a streamed request body, for the rpc_method label only."""

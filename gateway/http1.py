@@ -68,10 +68,10 @@ class _PastTheEnd(Exception):
     """Raised from a parser callback to stop parsing: bytes follow a response that has ended."""
 
 
-class _Connection(asyncio.Protocol):
+class UpstreamConnection(asyncio.Protocol):
     """One upstream TCP connection and the exchange in flight on it; httptools calls the on_* methods."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, key: PoolKey, pool: Pool[_Connection]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, key: PoolKey, pool: Pool[UpstreamConnection]) -> None:
         self.key = key
         self.reused = False
         self.idle_since = 0.0
@@ -369,9 +369,9 @@ class Http1Response:
 
     __slots__ = ("_client", "_connection", "headers", "reason", "status")
 
-    def __init__(self, client: Http1Client, connection: _Connection) -> None:
+    def __init__(self, client: Http1Client, connection: UpstreamConnection) -> None:
         self._client = client
-        self._connection: _Connection | None = connection
+        self._connection: UpstreamConnection | None = connection
         self.status = connection.status
         self.reason = connection.response_reason()
         self.headers = connection.response_headers()
@@ -428,7 +428,7 @@ class Http1Client:
         self._resolve = resolve
         self._ssl_context = ssl_context
         max_connections = settings.upstream_max_connections or default_max_connections()
-        self._pool: Pool[_Connection] = Pool(max_connections, settings.upstream_max_idle or max_connections,
+        self._pool: Pool[UpstreamConnection] = Pool(max_connections, settings.upstream_max_idle or max_connections,
                                              settings.upstream_idle_timeout_s)
         self._closed = False
 
@@ -462,7 +462,7 @@ class Http1Client:
         self._closed = True
         self._pool.close()
 
-    def give_back(self, connection: _Connection) -> None:
+    def give_back(self, connection: UpstreamConnection) -> None:
         if self._closed:
             self._pool.give_back(connection, False, SHUTDOWN)
         elif connection.reusable():
@@ -470,7 +470,7 @@ class Http1Client:
         else:  # never reuse a connection whose response was not read to the end, or that said close
             self._pool.give_back(connection, False, connection.close_reason())
 
-    async def _connect(self, key: PoolKey, host: str, port: int) -> _Connection:
+    async def _connect(self, key: PoolKey, host: str, port: int) -> UpstreamConnection:
         self._pool.reserve()  # GatewayOverloaded when the budget is full of busy connections
         try:
             async with asyncio.timeout(self._connect_timeout_s):
@@ -496,7 +496,7 @@ class Http1Client:
         self._pool.opened_one(connection)
         return connection
 
-    async def _open(self, key: PoolKey, host: str, address: str, port: int) -> _Connection:
+    async def _open(self, key: PoolKey, host: str, address: str, port: int) -> UpstreamConnection:
         """One connect. Out of fds, idle connections are closed and it is tried once more; then it is
         the gateway's condition (503), not the upstream's."""
         loop = asyncio.get_running_loop()
@@ -504,7 +504,7 @@ class Http1Client:
         for attempt in range(2):
             try:
                 _, connection = await loop.create_connection(
-                    lambda: _Connection(loop, key, self._pool), address, port,
+                    lambda: UpstreamConnection(loop, key, self._pool), address, port,
                     ssl=tls, server_hostname=host if tls else None,
                 )
                 return connection
@@ -522,7 +522,7 @@ class Http1Client:
             self._ssl_context = ssl.create_default_context()
         return self._ssl_context
 
-    async def _exchange(self, connection: _Connection, method: str, head: bytes, body: Body) -> Http1Response:
+    async def _exchange(self, connection: UpstreamConnection, method: str, head: bytes, body: Body) -> Http1Response:
         connection.begin(head_request=method == "HEAD")
         try:
             if body is None:
@@ -548,7 +548,7 @@ def default_max_connections() -> int:
     return max(16, (soft - FD_RESERVE) // 2)
 
 
-async def _send_stream(connection: _Connection, body: AsyncIterable[bytes], chunked: bool) -> None:
+async def _send_stream(connection: UpstreamConnection, body: AsyncIterable[bytes], chunked: bool) -> None:
     async for chunk in body:
         if not chunk:
             continue

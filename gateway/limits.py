@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterable, AsyncIterator
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
-from aiohttp import web
-
-from gateway.engines import Target
+from gateway.engines.base import Target
 from gateway.errors import BodyTooLarge, HeadersTooLarge, TargetBusy, TooManyStreams, authority
 from gateway.exchange import Exchange
 from gateway.headers import SANDBOX_ID
-from gateway.server import Request
+from gateway.messages import Request
+from gateway.streams import OpenStream
 
 if TYPE_CHECKING:
     from gateway.config import Settings
@@ -30,38 +29,6 @@ def target_key(target: Target) -> str:
         if name.lower() == _SANDBOX_ID:
             return value
     return authority(target.url)
-
-
-class OpenStream:
-    """One relayed SSE stream; the drain ends it between reads (sse.relay):
-
-    - with a keepalive, a read waits under `timer`, which the drain expires;
-    - without, the task waiting in a read is `reader`, which the drain cancels; relay() takes
-      that cancellation back (interrupted()) as asyncio.timeout does, so nobody else's is lost.
-    """
-
-    __slots__ = ("_cancelled", "closing", "reader", "timer")
-
-    def __init__(self) -> None:
-        self.closing = False
-        self.timer: asyncio.Timeout | None = None
-        self.reader: asyncio.Task[Any] | None = None
-        self._cancelled = False
-
-    def close(self) -> None:
-        self.closing = True
-        if self.timer is not None and not self.timer.expired():
-            self.timer.reschedule(asyncio.get_running_loop().time())
-        elif self.reader is not None and not self._cancelled:
-            self._cancelled = True
-            self.reader.cancel()
-
-    def interrupted(self, task: asyncio.Task[Any]) -> bool:
-        """After a CancelledError in a read: True if it was the drain's alone (then it is taken back)."""
-        if not self._cancelled:
-            return False
-        self._cancelled = False
-        return task.uncancel() == 0
 
 
 class Limits:
@@ -145,6 +112,3 @@ class Limits:
                 pass
         for stream in list(self.streams):
             stream.close()
-
-
-LIMITS: Final = web.AppKey("limits", Limits)

@@ -28,8 +28,8 @@ from gateway.exchange import (
 )
 from gateway.headers import ENV_INSTANCE_ID, REQUEST_ID
 from gateway.jsonrpc import rpc_method
+from gateway.messages import Request, Response, StreamResponse
 from gateway.metrics import Metrics, upstream_error_kind
-from gateway.server import Request, Response, StreamResponse
 
 # nginx's code for a request whose client left before the response started.
 CLIENT_CLOSED_STATUS: Final = 499

@@ -14,7 +14,7 @@ from typing import Final
 from gateway import sse
 from gateway.config import Settings
 from gateway.deadlines import Deadlines, IdleTimeout
-from gateway.engines import Engine
+from gateway.engines.base import Engine
 from gateway.errors import UpstreamErrors, authority
 from gateway.exchange import Exchange
 from gateway.headers import (
@@ -25,8 +25,8 @@ from gateway.headers import (
     upstream_request_headers,
 )
 from gateway.limits import Limits
+from gateway.messages import NO_BODY_STATUSES, Request, Response, StreamResponse, json_response
 from gateway.metrics import Metrics
-from gateway.server import NO_BODY_STATUSES, Request, Response, StreamResponse, json_response
 from gateway.upstream import Body, UpstreamClient, UpstreamResponse
 from gateway.via import VIA
 

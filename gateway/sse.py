@@ -14,8 +14,8 @@ from typing import Any, Final
 import structlog
 
 from gateway.exchange import Exchange
-from gateway.limits import OpenStream
-from gateway.server import StreamResponse
+from gateway.messages import StreamResponse
+from gateway.streams import OpenStream
 from gateway.upstream import UpstreamResponse
 
 log = structlog.get_logger(__name__)

@@ -1,4 +1,4 @@
-"""Shared fixtures: a recording upstream on 127.0.0.1 and settings factories."""
+"""Shared fixtures: a recording upstream and an echoing one on 127.0.0.1, a gateway, settings factories."""
 
 from __future__ import annotations
 
@@ -137,3 +137,34 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     if leaked and report.passed:
         report.outcome = "failed"
         report.longrepr = f"a secret (marked {SECRET_MARKER!r}) reached: {', '.join(leaked)}"
+
+
+Gateway = TestClient[web.BaseRequest, web.Application]
+
+
+@pytest.fixture
+async def gateway(aiohttp_client: AiohttpClient) -> Gateway:
+    return await serve_gateway(aiohttp_client)
+
+
+@dataclass(slots=True)
+class EchoUpstream:
+    """Answers each request with its method and path; records (method, path, body) in order."""
+
+    url: str
+    seen: list[tuple[str, str, bytes]]
+
+
+@pytest.fixture
+async def echo(aiohttp_server: AiohttpServer) -> EchoUpstream:
+    seen: list[tuple[str, str, bytes]] = []
+
+    async def answer(request: web.Request) -> web.Response:
+        body = await request.read()
+        seen.append((request.method, request.raw_path, body))
+        return web.Response(body=f"{request.method} {request.raw_path}".encode())
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    server = await aiohttp_server(app)
+    return EchoUpstream(str(server.make_url("")).rstrip("/"), seen)

@@ -6,7 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.config import Settings, load_settings
+from gateway.config import ENGINE_NAMES, Settings, load_settings
+from gateway.engines import ENGINES
 from gateway.errors import ConfigError
 
 
@@ -14,6 +15,11 @@ def test_defaults_match_the_design() -> None:
     settings = load_settings([], {})
     assert (settings.host, settings.port, settings.admin_port, settings.schedule_type, settings.arca_data_plane) == (
         "0.0.0.0", 8081, 8082, "k8s", "reject")
+
+
+def test_every_schedule_type_has_an_engine() -> None:
+    """config names the --schedule-type values without importing the engines; the table must match."""
+    assert ENGINE_NAMES == tuple(sorted(ENGINES))
 
 
 def test_flag_beats_environment_beats_file_beats_default(tmp_path: Path) -> None:

@@ -18,15 +18,14 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
+from aiohttp.test_utils import TestServer
 from multidict import CIMultiDict
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway.headers import MCP_PROXY_URL
-from tests.conftest import Upstream, serve_gateway
+from tests.conftest import EchoUpstream, Gateway, Upstream, serve_gateway
 
 Conn = tuple[asyncio.StreamReader, asyncio.StreamWriter]
-Gateway = TestClient[web.BaseRequest, web.Application]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -112,34 +111,6 @@ def request(method: str, path: str, target: object, *, version: str = "1.1", ext
     length = f"Content-Length: {len(body)}\r\n" if body else ""
     return (f"{method} {path} HTTP/{version}\r\nHost: gw\r\n{MCP_PROXY_URL}: {target}\r\n{length}{extra}\r\n"
             .encode() + body)
-
-
-@pytest.fixture
-async def gateway(aiohttp_client: AiohttpClient) -> Gateway:
-    return await serve_gateway(aiohttp_client)
-
-
-@dataclass(slots=True)
-class EchoUpstream:
-    """Answers each request with its method and path; records (method, path, body) in order."""
-
-    url: str
-    seen: list[tuple[str, str, bytes]]
-
-
-@pytest.fixture
-async def echo(aiohttp_server: AiohttpServer) -> EchoUpstream:
-    seen: list[tuple[str, str, bytes]] = []
-
-    async def answer(request: web.Request) -> web.Response:
-        body = await request.read()
-        seen.append((request.method, request.raw_path, body))
-        return web.Response(body=f"{request.method} {request.raw_path}".encode())
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
-    server = await aiohttp_server(app)
-    return EchoUpstream(str(server.make_url("")).rstrip("/"), seen)
 
 
 async def serve(aiohttp_server: AiohttpServer, handler: Handler) -> TestServer:

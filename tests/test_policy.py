@@ -18,7 +18,8 @@ from gateway.app import build_gateway_app
 from gateway.engines.proxy_url import ProxyUrlEngine
 from gateway.errors import MalformedHeader, TargetForbidden
 from gateway.headers import MCP_PROXY_URL
-from gateway.policy import Rule, TargetPolicy, literal_address
+from gateway.policy import TargetPolicy
+from gateway.rules import Rule, literal_address
 from gateway.upstream import AiohttpClient as Transport
 from tests.conftest import Upstream, gateway_settings
 

@@ -21,14 +21,12 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway import server as server_module
-from gateway.app import DATA_PLANE, DataPlaneRunner, build_gateway_app
+from gateway.app import DATA_PLANE, LIMITS, DataPlaneRunner, build_gateway_app
 from gateway.headers import MCP_PROXY_URL
-from gateway.limits import LIMITS
-from gateway.server import Request, Response, Server, StreamResponse
-from tests.conftest import Upstream, gateway_settings, serve_gateway
+from gateway.messages import Request, Response, StreamResponse
+from gateway.server import Server
+from tests.conftest import EchoUpstream, Gateway, Upstream, gateway_settings, serve_gateway
 from tests.test_http_semantics import (
-    EchoUpstream,
-    Gateway,
     RawResponse,
     assert_closed_by_server,
     connect,
@@ -37,8 +35,6 @@ from tests.test_http_semantics import (
     request,
     serve,
 )
-from tests.test_http_semantics import echo as echo  # the fixtures, used here too
-from tests.test_http_semantics import gateway as gateway
 
 
 async def eventually(check: Callable[[], bool], timeout_s: float = 3.0) -> bool:
@@ -210,13 +206,13 @@ async def test_a_few_megabytes_to_a_slow_reader_arrive_whole(
     payload = os.urandom(4 * 1024 * 1024)
     got: list[tuple[int, str]] = []
     pauses: list[int] = []
-    pause = server_module._Connection._pause_reading
+    pause = server_module.ClientConnection._pause_reading
 
-    def counted_pause(connection: server_module._Connection) -> None:
+    def counted_pause(connection: server_module.ClientConnection) -> None:
         pauses.append(1)
         pause(connection)
 
-    monkeypatch.setattr(server_module._Connection, "_pause_reading", counted_pause)
+    monkeypatch.setattr(server_module.ClientConnection, "_pause_reading", counted_pause)
 
     async def slow_reader(request: web.Request) -> web.Response:
         digest, total = hashlib.sha256(), 0
@@ -544,7 +540,7 @@ async def test_an_absolute_form_target_has_the_path_of_its_url(gateway: Gateway)
 
 def test_request_path_of_each_target_form() -> None:
     def path(target: str) -> str:
-        connection = cast(server_module._Connection, None)
+        connection = cast(server_module.ClientConnection, None)
         return Request(connection, "GET", target, "1.1", CIMultiDictProxy(CIMultiDict()), 0, True).path
 
     assert [path(t) for t in ("/a%20b?q", "http://h/a%20b?q", "https://h:1", "http://h?q", "*")] == [

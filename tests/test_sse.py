@@ -13,8 +13,8 @@ from pytest_aiohttp import AiohttpClient, AiohttpServer
 
 from gateway.app import DATA_PLANE
 from gateway.headers import MCP_PROXY_URL
-from gateway.http1 import _Connection as UpstreamConnection
-from gateway.server import _Connection as ServerConnection
+from gateway.http1 import UpstreamConnection
+from gateway.server import ClientConnection
 from tests.conftest import serve_gateway
 
 INTERVAL_S = 0.2
@@ -194,7 +194,7 @@ async def test_streams_their_clients_drop_are_freed_without_the_garbage_collecto
                 break
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.1)  # the cancelled relays finish
-        alive = [o for o in gc.get_objects() if isinstance(o, ServerConnection | UpstreamConnection)]
+        alive = [o for o in gc.get_objects() if isinstance(o, ClientConnection | UpstreamConnection)]
     finally:
         gc.enable()
 

@@ -26,9 +26,9 @@ from gateway.headers import MCP_PROXY_URL
 from gateway.http1 import Http1Client
 from gateway.upstream import AiohttpClient as AiohttpUpstreamClient
 from gateway.upstream import UpstreamClient
-from tests.conftest import serve_gateway
+from tests.conftest import Gateway, serve_gateway
 from tests.raw_servers import RawServers
-from tests.test_http_semantics import Gateway, RawResponse, assert_closed_by_server, connect, read_response
+from tests.test_http_semantics import RawResponse, assert_closed_by_server, connect, read_response
 
 # A step of a scripted answer: bytes to write, seconds to wait, or how the connection ends.
 RESET = "reset"

@@ -14,7 +14,7 @@ from urllib.parse import unquote
 
 from yarl import URL
 
-from gateway.engines import Target
+from gateway.engines.base import Target
 from gateway.engines.proxy_url import join_path
 from gateway.errors import ConfigError, DataPlaneUnsupported, MalformedHeader, MalformedPath, MissingHeader
 from gateway.headers import ENV_INSTANCE_ID, MCP_PROXY_URL, SANDBOX_API_KEY, SANDBOX_ID

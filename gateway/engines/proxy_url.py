@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Final
 
 from yarl import URL
 
-from gateway.engines import Target
+from gateway.engines.base import Target
 from gateway.errors import MalformedHeader, MalformedPath, MissingHeader
 from gateway.headers import MCP_PROXY_URL
 
