@@ -51,7 +51,7 @@ from run import HERE, PY, ROOT, cpu_seconds, pinned
 
 RESULTS = HERE / "results"
 BIN = RESULTS / "fleet-bin"
-SHARED_DEFAULTS = (ROOT.parent / "shared" / "bench", Path("/work/shared/bench"))
+SHARED_DEFAULTS = (ROOT.parent / "shared" / "bench",)  # ../shared/bench beside the checkout; or FLEET_SHARED
 # tool -> Debian package; taskset is in util-linux, present on any Debian but checked all the same.
 APT_PACKAGES = {"wrk": "wrk", "go": "golang-go", "taskset": "util-linux"}
 FLEET_NET = 77  # fleet targets are 127.77.x.y; the race upstream is 127.78.0.x
