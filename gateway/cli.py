@@ -20,7 +20,7 @@ from gateway.capacity import raise_fd_limit
 from gateway.config import Settings, load_settings
 from gateway.engines import Engine, build_engine
 from gateway.errors import ConfigError
-from gateway.http1 import default_max_connections
+from gateway.http1 import connection_budget
 from gateway.limits import Limits
 from gateway.log import configure_logging, shown_settings
 from gateway.metrics import Metrics, use_multiprocess_dir
@@ -72,7 +72,7 @@ async def serve(settings: Settings, engine: Engine, reuse_port: bool = False) ->
         readiness.ready = True
         log.info("gateway_started", host=settings.host, port=settings.port,
                  admin_port=settings.admin_port, engine=settings.schedule_type, fd_limit=fd_limit,
-                 upstream_max_connections=settings.upstream_max_connections or default_max_connections())
+                 upstream_max_connections=connection_budget(settings))
         await signalled.wait()
         readiness.ready = False
         await _drain(gateway_app[LIMITS], settings.drain_timeout_s, signalled)

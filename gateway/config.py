@@ -57,7 +57,7 @@ class Settings:
     connect_retry_budget_s: float = 2.0
     drain_timeout_s: float = 30.0
     upstream_client: str = "lean"
-    upstream_max_connections: int = 0  # 0: from the fd limit (http1.default_max_connections)
+    upstream_max_connections: int = 0  # 0: from the fd limit (http1.connection_budget)
     upstream_max_idle: int = 0  # 0: as many as the budget
     upstream_idle_timeout_s: float = 4.0  # below uvicorn's 5 s, which FastMCP runs on (docs/scaling.md)
     config_path: str | None = None

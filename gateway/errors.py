@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Final
 
 from yarl import URL
 
@@ -56,6 +56,10 @@ class ConfigError(Exception):
 
 class BadUpstreamResponse(Exception):
     """Raised by a transport: the upstream sent something that is not a valid HTTP response."""
+
+
+# Both transports' reason for a 101: the gateway never forwards Upgrade, so no request asked to switch.
+UNASKED_UPGRADE: Final = "the upstream switched protocols (101) on a request that did not ask to upgrade"
 
 
 class GatewayError(Exception):

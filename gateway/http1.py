@@ -22,7 +22,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
-from gateway.errors import BadUpstreamResponse, GatewayOverloaded
+from gateway.errors import UNASKED_UPGRADE, BadUpstreamResponse, GatewayOverloaded
 from gateway.pool import ERROR, SHUTDOWN, UPSTREAM_CLOSED, Pool, PoolKey, PoolStats
 from gateway.retry import retry_refused
 from gateway.upstream import Body, Sink
@@ -187,7 +187,7 @@ class UpstreamConnection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         status = self._parser.get_status_code()
         if status == 101:  # the gateway never forwards Upgrade: switching protocols was not asked for
-            raise self._refuse("the upstream switched protocols (101) on a request that did not ask to upgrade")
+            raise self._refuse(UNASKED_UPGRADE)
         if status < 200:  # 1xx (100 Continue, 103): interim, skipped; the answer follows
             return
         self._status = status
@@ -427,9 +427,9 @@ class Http1Client:
         self._retry_budget_s = settings.connect_retry_budget_s
         self._resolve = resolve
         self._ssl_context = ssl_context
-        max_connections = settings.upstream_max_connections or default_max_connections()
+        max_connections = connection_budget(settings)
         self._pool: Pool[UpstreamConnection] = Pool(max_connections, settings.upstream_max_idle or max_connections,
-                                             settings.upstream_idle_timeout_s)
+                                                    settings.upstream_idle_timeout_s)
         self._closed = False
 
     @property
@@ -481,9 +481,7 @@ class Http1Client:
                 for address in addresses:
                     try:
                         connection = await self._open(key, host, address, port)
-                    except GatewayOverloaded:
-                        raise
-                    except OSError as exc:
+                    except OSError as exc:  # GatewayOverloaded (out of fds) is not one: it ends the loop
                         error = exc
                         continue
                     break
@@ -540,8 +538,10 @@ class Http1Client:
         return Http1Response(self, connection)
 
 
-def default_max_connections() -> int:
-    """--upstream-max-connections when not set: half the fds left after a reserve, the rest for callers."""
+def connection_budget(settings: Settings) -> int:
+    """--upstream-max-connections, or when not set half the fds left after a reserve (the rest for callers)."""
+    if settings.upstream_max_connections:
+        return settings.upstream_max_connections
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft == resource.RLIM_INFINITY:
         return 1_000_000

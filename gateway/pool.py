@@ -41,7 +41,6 @@ class Pooled(Protocol):
     key: PoolKey
     idle_since: float
     idle_until: float  # the upstream's own Keep-Alive timeout can make it sooner than ours
-    lost: bool
     idle: bool
 
     def close(self) -> None: ...

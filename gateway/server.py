@@ -203,12 +203,14 @@ class ClientConnection(asyncio.Protocol):
             return
         headers = CIMultiDictProxy(CIMultiDict(self._headers))
         length = headers.get(CONTENT_LENGTH)
-        if length is not None and length[0] == "0" and len(length) > 1:  # llhttp took digits only: leading zeros
-            headers = _canonical_length(headers, int(length))  # the upstream gets the length in one form only
+        content_length = None
+        if length is not None:
+            content_length = int(length)  # llhttp took digits only
+            if length[0] == "0" and len(length) > 1:  # leading zeros: the upstream gets the length in one form
+                headers = _canonical_length(headers, content_length)
         request = Request(self, parser.get_method().decode("ascii"), self._url.decode("utf-8", "surrogateescape"),
                           parser.get_http_version(), headers, self._header_bytes, parser.should_keep_alive())
-        if length is not None:
-            request.content_length = int(length)
+        request.content_length = content_length
         chunked = TRANSFER_ENCODING in headers
         if request.content_length or chunked:
             request.content = self._body = RequestBody(self)

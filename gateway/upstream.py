@@ -16,7 +16,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from gateway.errors import BadUpstreamResponse, GatewayError
+from gateway.errors import UNASKED_UPGRADE, BadUpstreamResponse, GatewayError
 from gateway.policy import TargetPolicy
 from gateway.pool import PoolStats
 from gateway.retry import retry_refused
@@ -172,7 +172,7 @@ class AiohttpClient:
             raise ConnectionResetError(str(exc)) from exc
         if response.status == 101:  # the gateway never forwards Upgrade: nothing asked to switch protocols
             response.close()
-            raise BadUpstreamResponse("the upstream switched protocols (101) on a request that did not ask to upgrade")
+            raise BadUpstreamResponse(UNASKED_UPGRADE)
         return AiohttpResponse(response)
 
     def stats(self) -> PoolStats | None:
