@@ -144,8 +144,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         build_parser().print_help()
         return 0
-    # Until the loop's handler is installed, a SIGHUP (a supervisor forwarding one early) must not kill us.
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         configuration = load_configuration(argv, os.environ)
         settings = configuration.settings
@@ -157,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--check-config" in argv:
         print(f"mcp-gateway: configuration OK: {describe(configuration)}")
         return 0
+    # Until the loop's handler is installed, a SIGHUP (a supervisor forwarding one early) must not kill us.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # Loggers are not cached, so that a reload's --log-level reaches every module's (reload.py); the
     # access log, the one logger per request, holds its own.
     configure_logging(settings.log_format, settings.log_level, cache=False)
