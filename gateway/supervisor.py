@@ -115,7 +115,12 @@ def _start(worker: Worker, command: list[str], env: dict[str, str]) -> None:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM (a drain) if the supervisor dies without stopping us."""
+    """In the child before exec: get SIGTERM (a drain) if the supervisor dies without stopping us.
+
+    SIGHUP is ignored until the worker installs its reload handler: exec resets our handler to the
+    default, which would kill a worker that a forwarded SIGHUP reaches while it starts.
+    """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 

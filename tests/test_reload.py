@@ -155,7 +155,8 @@ async def test_an_invalid_configuration_on_sighup_is_refused_whole_and_the_runni
             old_still = await call(session, gateway.url, upstreams.allowed, "old-token")
             new_not_yet = await call(session, gateway.url, upstreams.allowed, "new-token")
 
-            write_config(config, tokens, deny=[], extra='upstream_max_idle = 7\nschedule_type = "standard"\n')
+            write_config(config, tokens, deny=[],
+                         extra='upstream_max_idle = 7\nschedule_type = "standard"\nlog_level = "warning"\n')
             gateway.process.send_signal(signal.SIGHUP)
             await wait_for_reloads(gateway, "ok", 1)
             new_now = await call(session, gateway.url, upstreams.allowed, "new-token")
@@ -169,7 +170,9 @@ async def test_an_invalid_configuration_on_sighup_is_refused_whole_and_the_runni
     [reloaded] = [json.loads(line) for line in logged.splitlines() if '"config_reloaded"' in line]
     # An engine and a pool size cannot change in place: named, and left as they run.
     assert (reloaded["level"], reloaded["needs_restart"]) == ("warning", ["schedule_type", "upstream_max_idle"])
-    assert reloaded["changed"] == ["auth_tokens"]
+    assert reloaded["changed"] == ["log_level", "auth_tokens"]
+    # --log-level warning: the access lines of the two requests before the reload, none after it
+    assert [json.loads(line)["status"] for line in logged.splitlines() if '"event":"request"' in line] == [200, 401]
 
 
 async def test_a_rotated_token_file_is_picked_up_by_the_watch_without_a_signal(
