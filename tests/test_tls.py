@@ -8,6 +8,7 @@ two loops' TLS differ.
 from __future__ import annotations
 
 import asyncio
+import io
 import re
 import shutil
 import signal
@@ -342,3 +343,40 @@ async def test_on_asyncio_a_handshake_refused_is_counted_and_a_good_one_served(p
     assert answered.startswith(b"HTTP/1.1 200 OK\r\n")
     assert 'aenv_gateway_tls_handshake_failures_total{reason="no_client_certificate"} 1.0' in exposition
     assert 'aenv_gateway_tls_handshake_failures_total{reason="not_tls"} 1.0' in exposition
+
+
+async def test_large_bodies_both_ways_and_a_refusal_over_tls(pki: Pki) -> None:
+    big = bytes(range(256)) * (8 * 1024 * 4)  # 8 MiB
+
+    async def echo(request: web.Request) -> web.StreamResponse:
+        if request.method == "POST":
+            return web.Response(body=await request.read())
+        response = web.StreamResponse()
+        response.content_length = len(big)
+        await response.prepare(request)
+        for offset in range(0, len(big), 256 * 1024):
+            await response.write(big[offset:offset + 256 * 1024])
+        return response
+
+    app = web.Application(client_max_size=len(big))
+    app.router.add_route("*", "/{tail:.*}", echo)
+    upload = big[: 3 * 1024 * 1024]
+    async with running_app(app) as upstream:
+        with gateway_process(*tls_args(pki, mtls=False), "--max-body-size", str(4 * 1024 * 1024)) as gateway:
+            route = {MCP_PROXY_URL: str(upstream)}
+            connector = aiohttp.TCPConnector(ssl=client_context(pki.ca.cert), limit=1)
+            async with asyncio.timeout(TIMEOUT_S), aiohttp.ClientSession(connector=connector) as session:
+                async with session.post(https(gateway) / "mcp", data=io.BytesIO(upload), headers=route) as posted:
+                    echoed = (posted.status, await posted.read())
+                async with session.get(https(gateway) / "big", headers=route) as fetched:
+                    received = bytearray()
+                    while chunk := await fetched.content.read(64 * 1024):
+                        received += chunk
+                        await asyncio.sleep(0.001)  # a slow reader: the gateway's writes wait for it
+                async with session.post(https(gateway) / "mcp", data=io.BytesIO(big[: 5 * 1024 * 1024]),
+                                        headers=route) as refused_:
+                    too_large = (refused_.status, await refused_.json())
+
+    assert echoed == (200, upload)
+    assert (fetched.status, bytes(received) == big) == (200, True)
+    assert (too_large[0], too_large[1]["code"]) == (413, "body_too_large")
