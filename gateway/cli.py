@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import os
 import signal
@@ -59,8 +60,8 @@ async def serve(settings: Settings, engine: Engine, reuse_port: bool = False,
     fd_limit = raise_fd_limit()  # before the pool sizes its budget from it
     readiness = Readiness()
     metrics = Metrics.build(CollectorRegistry(), settings.metrics_multiproc_dir)
-    configuration = configuration or build_configuration(settings)
-    gateway_app = build_gateway_app(settings, engine, metrics, configuration)
+    configuration = configuration or dataclasses.replace(build_configuration(settings), engine=engine)
+    gateway_app = build_gateway_app(settings, metrics=metrics, configuration=configuration)
     reloader = None
     if argv is not None:
         reloader = Reloader(argv, environ or {}, configuration, gateway_app[PARTS], metrics.operations)

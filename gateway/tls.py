@@ -52,6 +52,9 @@ def build_server_context(settings: Settings) -> ssl.SSLContext | None:
                           f"loaded ({reason or exc.__class__.__name__})") from exc
     except ValueError as exc:  # _no_password: the key asks for a password
         raise ConfigError(f"--tls-key: {settings.tls_key} is encrypted; give an unencrypted key") from exc
+    except OSError as exc:  # a file gone since it was read (a reload racing a rotation)
+        raise ConfigError(f"--tls-cert/--tls-key: cannot read {settings.tls_cert} or {settings.tls_key}: "
+                          f"{exc.strerror}") from exc
     if settings.tls_client_ca is not None:
         text = _read_pem("--tls-client-ca", settings.tls_client_ca, _CERT_BEGIN, "PEM CA certificates")
         try:
