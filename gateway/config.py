@@ -1,6 +1,8 @@
-"""Settings: one frozen value built once at startup from flags, environment, a TOML file, defaults.
+"""Settings: one frozen value built from flags, environment, a TOML file, defaults.
 
-Precedence is flag > environment > config file > default (DESIGN.md §2). Pure: values in, values out.
+Precedence is flag > environment > config file > default (DESIGN.md §2). Built at startup, and again
+on a reload from the same argv and environment (reload.py swaps the new value in). Pure apart from
+reading the files it names: values in, values out.
 """
 
 from __future__ import annotations
