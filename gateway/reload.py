@@ -110,4 +110,7 @@ class Reloader:
             interval_s = self.configuration.settings.watch_interval_s
             await asyncio.sleep(interval_s or WATCH_OFF_RECHECK_S)
             if interval_s and self.files_changed():
-                self.reload("file_changed")
+                try:
+                    self.reload("file_changed")
+                except Exception:  # a bug, logged with its traceback; the watch must outlive it
+                    log.exception("config_reload_crashed", cause="file_changed")
