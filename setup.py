@@ -19,7 +19,8 @@ from pathlib import Path
 from setuptools import Extension, setup
 
 # Startup, wiring and the admin side: run once or off the request path, and free to use what mypyc cannot.
-PURE_MODULES = {"__init__", "__main__", "admin", "app", "cli", "config", "supervisor"}
+PURE_MODULES = {"__init__", "__main__", "admin", "app", "cli", "config", "configuration", "handshake", "reload",
+                "supervisor", "tls"}
 
 
 def compiled_sources() -> list[str]:

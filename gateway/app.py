@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import suppress
+from dataclasses import dataclass
 from typing import Any, Final, cast
 
 from aiohttp import web
@@ -14,15 +16,16 @@ from gateway import admin
 from gateway.admin import READINESS, Readiness
 from gateway.auth import bearer_auth
 from gateway.capacity import watch_fds
-from gateway.config import Settings, read_tokens
-from gateway.dataplane import data_plane_handler
+from gateway.config import Settings
+from gateway.configuration import Configuration, build_configuration
+from gateway.dataplane import DataPlaneHandler, data_plane_handler
 from gateway.deadlines import Deadlines
-from gateway.engines import Engine, build_engine
+from gateway.engines import Engine
+from gateway.handshake import HandshakeFailures, ServingContext
 from gateway.http1 import Http1Client
 from gateway.limits import Limits
 from gateway.log import AccessLog
 from gateway.metrics import METRICS, Metrics
-from gateway.origin import OriginPolicy
 from gateway.policy import TargetPolicy
 from gateway.proxy import Proxy
 from gateway.server import Server
@@ -35,25 +38,57 @@ DATA_PLANE: Final[web.AppKey[Server]] = web.AppKey("data_plane")
 LIMITS: Final = web.AppKey("limits", Limits)
 
 
+@dataclass(slots=True)
+class DataPlane:
+    """The data plane's long-lived parts. A reload (reload.py) reconfigures them in place: a request in
+    flight keeps the handler and objects it started with, the next one sees the new settings."""
+
+    server: Server
+    proxy: Proxy
+    limits: Limits
+    deadlines: Deadlines
+    metrics: Metrics
+    tls: ServingContext | None = None  # what the proxy port listens with when it speaks TLS
+
+    def serve_with(self, configuration: Configuration) -> None:
+        """The next request is handled with this configuration's tokens, Origin and Host rules, log settings."""
+        self.server.handler = _handler(self.proxy, self.metrics, configuration)
+
+
+def _handler(proxy: Proxy, metrics: Metrics, configuration: Configuration) -> DataPlaneHandler:
+    settings, engine = configuration.settings, configuration.engine
+    authenticate = None
+    if configuration.tokens:
+        authenticate = bearer_auth(configuration.tokens, engine.routing_headers, settings.forward_authorization)
+    origins = configuration.origins
+    return data_plane_handler(proxy, AccessLog(settings, metrics, engine.name), authenticate,
+                              origins.check if origins.checks_anything else None)
+
+
+PARTS: Final = web.AppKey("parts", DataPlane)
+
+
 def build_gateway_app(
-    settings: Settings, engine: Engine | None = None, metrics: Metrics | None = None
+    settings: Settings, engine: Engine | None = None, metrics: Metrics | None = None,
+    configuration: Configuration | None = None,
 ) -> web.Application:
-    engine = engine or build_engine(settings)
+    if configuration is None:
+        configuration = build_configuration(settings)
+        if engine is not None:
+            configuration = dataclasses.replace(configuration, engine=engine)
+    settings, engine = configuration.settings, configuration.engine
     limits = Limits(settings)
     metrics = metrics or Metrics.build(CollectorRegistry())
-    authenticate = None
-    if settings.auth_token_file:
-        tokens = read_tokens(settings.auth_token_file)
-        authenticate = bearer_auth(tokens, engine.routing_headers, settings.forward_authorization)
     # Idle timeouts are checked by one tick, at a tenth of their length (at most every second).
-    deadlines = Deadlines(resolution_s=min(1.0, settings.idle_timeout_s / 10))
+    deadlines = Deadlines(resolution_s=deadline_resolution_s(settings))
     proxy = Proxy(settings, engine, limits, metrics, deadlines, via_mark=new_mark())
     app = web.Application()
     app[LIMITS] = limits
     app[METRICS] = metrics
+    policy = configuration.policy
 
     async def upstream_client(_: web.Application) -> AsyncIterator[None]:
-        proxy.upstream = upstream = _upstream_client(settings)
+        proxy.upstream = upstream = _upstream_client(settings, policy)
         metrics.capacity.source = upstream.stats
         yield
         metrics.capacity.source = None
@@ -62,11 +97,17 @@ def build_gateway_app(
     app.cleanup_ctx.append(upstream_client)
     app.cleanup_ctx.append(_watching_fds)
     app.cleanup_ctx.append(lambda _: _ticking(deadlines))
-    origins = OriginPolicy.build(settings.allow_origin, settings.allow_host)
-    handler = data_plane_handler(proxy, AccessLog(settings, metrics, engine.name), authenticate,
-                                 origins.check if origins.checks_anything else None)
-    app[DATA_PLANE] = Server(handler, max_head_bytes=settings.max_header_size)
+    server = Server(_handler(proxy, metrics, configuration), max_head_bytes=settings.max_header_size)
+    parts = DataPlane(server, proxy, limits, deadlines, metrics)
+    if configuration.tls is not None:
+        parts.tls = ServingContext(configuration.tls, HandshakeFailures(metrics.operations.tls_handshake_failures))
+    app[DATA_PLANE] = server
+    app[PARTS] = parts
     return app
+
+
+def deadline_resolution_s(settings: Settings) -> float:
+    return min(1.0, settings.idle_timeout_s / 10)
 
 
 class DataPlaneRunner(web.BaseRunner):
@@ -110,10 +151,10 @@ async def _ticking(deadlines: Deadlines) -> AsyncIterator[None]:
     deadlines.stop()
 
 
-def _upstream_client(settings: Settings) -> UpstreamClient:
+def _upstream_client(settings: Settings, policy: TargetPolicy) -> UpstreamClient:
     if settings.upstream_client == "aiohttp":
-        return AiohttpClient(settings)
-    return Http1Client(settings, resolve=TargetPolicy.from_settings(settings).resolve_allowed)
+        return AiohttpClient(settings, policy=policy)
+    return Http1Client(settings, resolve=policy.resolve_allowed)
 
 
 def build_admin_app(readiness: Readiness, metrics: Metrics | None = None) -> web.Application:

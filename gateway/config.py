@@ -1,6 +1,8 @@
-"""Settings: one frozen value built once at startup from flags, environment, a TOML file, defaults.
+"""Settings: one frozen value built from flags, environment, a TOML file, defaults.
 
-Precedence is flag > environment > config file > default (DESIGN.md §2). Pure: values in, values out.
+Precedence is flag > environment > config file > default (DESIGN.md §2). Built at startup, and again
+on a reload from the same argv and environment (reload.py swaps the new value in). Pure apart from
+reading the files it names: values in, values out.
 """
 
 from __future__ import annotations
@@ -60,6 +62,10 @@ class Settings:
     upstream_max_connections: int = 0  # 0: from the fd limit (http1.connection_budget)
     upstream_max_idle: int = 0  # 0: as many as the budget
     upstream_idle_timeout_s: float = 4.0  # below uvicorn's 5 s, which FastMCP runs on (docs/scaling.md)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    watch_interval_s: float = 5.0
     config_path: str | None = None
 
 
@@ -228,6 +234,14 @@ OPTIONS: Final[tuple[Option, ...]] = (
            "idle upstream connections kept, least recently used closed first; 0 = up to the budget"),
     Option("upstream_idle_timeout_s", "GATEWAY_UPSTREAM_IDLE_TIMEOUT", _positive_float,
            "seconds an idle upstream connection is kept (uvicorn closes its own after 5)"),
+    Option("tls_cert", "GATEWAY_TLS_CERT", str,
+           "PEM certificate chain: the proxy port speaks TLS (HTTP/1.1); needs --tls-key; re-read on reload"),
+    Option("tls_key", "GATEWAY_TLS_KEY", str, "PEM private key of --tls-cert, unencrypted; re-read on reload"),
+    Option("tls_client_ca", "GATEWAY_TLS_CLIENT_CA", str,
+           "PEM CA certificates: clients must present a certificate they signed (mTLS); re-read on reload"),
+    Option("watch_interval_s", "GATEWAY_WATCH_INTERVAL", _non_negative_float,
+           "seconds between checks of the files the configuration reads (--config, token, key, TLS files); "
+           "a change reloads, as SIGHUP does; 0 = off"),
 )
 _DEFAULTS: Final = Settings()
 _FIELD_NAMES: Final = frozenset(f.name for f in fields(Settings))
@@ -245,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="TOML file with the same settings (env: GATEWAY_CONFIG)")
     parser.add_argument("--version", action="store_true",
                         help="print the version and the form that runs (compiled or pure Python), then exit")
+    parser.add_argument("--check-config", action="store_true",
+                        help="check the configuration and the files it names, print one line, exit 0 or 2; "
+                             "binds no port")
     for option in OPTIONS:
         default = "unset" if option.secret else getattr(_DEFAULTS, option.name)
         env = f"env: {option.env}, " if option.env else ""
@@ -275,6 +292,8 @@ def _read_config_file(path: str) -> dict[str, Any]:
 def load_settings(argv: Sequence[str], environ: Mapping[str, str]) -> Settings:
     """Build the settings; raise ConfigError naming the setting on the first bad value."""
     flags = vars(build_parser().parse_args(list(argv)))
+    flags.pop("check_config")  # actions of the program (cli.py), not settings
+    flags.pop("version")
     config_path = flags.pop("config_path") or environ.get("GATEWAY_CONFIG") or None
     from_file = _read_config_file(config_path) if config_path else {}
     values: dict[str, Any] = {"config_path": config_path}

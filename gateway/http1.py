@@ -30,6 +30,7 @@ from gateway.upstream import Body, Sink
 
 if TYPE_CHECKING:
     from gateway.config import Settings
+    from gateway.policy import TargetPolicy
 
 # host, port -> the addresses to try, in order. The SSRF policy plugs in here (#5).
 Resolver = Callable[[str, int], Awaitable[list[str]]]
@@ -467,6 +468,15 @@ class Http1Client:
     async def close(self) -> None:
         self._closed = True
         self._pool.close()
+
+    def reconfigure(self, settings: Settings, policy: TargetPolicy | None) -> None:
+        """A reload (reload.py): new connects use these timeouts; with a new target policy, no connection
+        checked under the old one is used again."""
+        self._connect_timeout_s = settings.connect_timeout_s
+        self._retry_budget_s = settings.connect_retry_budget_s
+        if policy is not None:
+            self._resolve = policy.resolve_allowed
+            self._pool.retire()
 
     def give_back(self, connection: UpstreamConnection) -> None:
         if self._closed:

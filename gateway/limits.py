@@ -33,14 +33,18 @@ def target_key(target: Target) -> str:
 
 class Limits:
     def __init__(self, settings: Settings) -> None:
-        self.max_body_size = settings.max_body_size
-        self.max_header_size = settings.max_header_size
-        self.max_per_target = settings.max_inflight_per_target
-        self.max_streams = settings.max_streams
+        self.update(settings)
         self.inflight = 0
         self.per_target: dict[str, int] = {}
         self.streams: set[OpenStream] = set()
         self._idle: asyncio.Event | None = None  # set by the last request to finish while draining
+
+    def update(self, settings: Settings) -> None:
+        """The bounds, at startup and on a reload: what is already admitted stays, even above a lowered one."""
+        self.max_body_size = settings.max_body_size
+        self.max_header_size = settings.max_header_size
+        self.max_per_target = settings.max_inflight_per_target
+        self.max_streams = settings.max_streams
 
     def admit(self, exchange: Exchange, target: Target) -> None:
         """Count the request against its target; 429 when the target is at --max-inflight-per-target."""

@@ -98,6 +98,40 @@ class _Tally:
     downstream_bytes: int = 0
 
 
+# The reason label of aenv_gateway_tls_handshake_failures_total (handshake.py classifies).
+TLS_FAILURE_REASONS: Final = ("no_client_certificate", "untrusted_client_certificate", "client_rejected_certificate",
+                              "not_tls", "protocol_version", "no_shared_cipher", "closed", "other")
+
+
+@dataclass(slots=True)
+class OperationMetrics:
+    """The operator's series: refused TLS handshakes and configuration reloads (handshake.py, reload.py)."""
+
+    tls_handshake_failures: Counter
+    config_reloads: Counter
+    config_loaded_at: Gauge
+
+    @classmethod
+    def build(cls, registry: CollectorRegistry) -> OperationMetrics:
+        operations = cls(
+            tls_handshake_failures=Counter("aenv_gateway_tls_handshake_failures_total",
+                                           "TLS handshakes on the proxy port that failed, by reason",
+                                           ("reason",), registry=registry),
+            config_reloads=Counter("aenv_gateway_config_reloads_total",
+                                   "Configuration reloads (SIGHUP or a changed file), by result: ok or failed",
+                                   ("result",), registry=registry),
+            # livemin: with --workers, the oldest configuration any live worker runs.
+            config_loaded_at=Gauge("aenv_gateway_config_last_reload_success_timestamp_seconds",
+                                   "Unix time the running configuration was loaded (startup or last good reload)",
+                                   registry=registry, multiprocess_mode="livemin"),
+        )
+        for reason in TLS_FAILURE_REASONS:  # every series exported from the start, at 0
+            operations.tls_handshake_failures.labels(reason)
+        for result in ("ok", "failed"):
+            operations.config_reloads.labels(result)
+        return operations
+
+
 @dataclass(slots=True)
 class Metrics:
     """Every series the gateway exports, built on the registry the caller passes in."""
@@ -112,6 +146,7 @@ class Metrics:
     upstream_response_ms: Histogram
     sandbox_errors: Counter
     capacity: CapacityMetrics
+    operations: OperationMetrics
     multiproc_dir: str = ""
     _upstream_bytes: Counter | None = None
     _downstream_bytes: Counter | None = None
@@ -153,6 +188,7 @@ class Metrics:
                                    f"host:port) and kind; after {MAX_SANDBOX_LABELS} sandboxes, sandbox=other",
                                    ("sandbox", "kind"), registry=registry),
             capacity=CapacityMetrics.build(registry),
+            operations=OperationMetrics.build(registry),
             multiproc_dir=multiproc_dir,
         )
         metrics._upstream_bytes = metrics.relayed_bytes.labels("upstream")

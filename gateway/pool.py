@@ -74,6 +74,7 @@ class Pool(Generic[C]):
         # an OrderedDict; only eviction and expiry read its front.
         self._lru: dict[C, None] = {}
         self._busy: set[C] = set()
+        self._retiring: set[C] = set()  # busy when retire() was called: closed when given back
         self._reserved = 0  # connections being opened
         self._timer: asyncio.TimerHandle | None = None
         self._ticks = 0
@@ -133,6 +134,9 @@ class Pool(Generic[C]):
         except KeyError:  # the pool was closed meanwhile, and counted it
             connection.abort()
             return
+        if self._retiring and connection in self._retiring:
+            self._retiring.discard(connection)
+            reusable, reason = False, EVICTED
         if not reusable:
             connection.abort()  # never reuse a connection whose state is not known
             self.closed[reason] += 1
@@ -171,7 +175,14 @@ class Pool(Generic[C]):
             shed += 1
         return shed
 
+    def retire(self) -> int:
+        """Close every idle connection now, and every busy one when it is given back: a reload changed the
+        target policy they were checked against when opened (reload.py). The count closed now."""
+        self._retiring.update(self._busy)
+        return self.shed(len(self._lru))
+
     def close(self) -> None:
+        self._retiring.clear()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -1,7 +1,8 @@
 """The supervisor behind `--workers N`: N worker processes share both ports with SO_REUSEPORT.
 
 It starts the workers, restarts one that dies (with a bounded back-off), forwards SIGTERM/SIGINT for a
-graceful drain, and owns the metrics directory the workers share. It never handles a request.
+graceful drain and SIGHUP for a reload (each worker reloads itself: reload.py), and owns the metrics
+directory the workers share. It never handles a request.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Final
 import structlog
 from prometheus_client.multiprocess import mark_process_dead
 
-from gateway.config import Settings
+from gateway.config import Settings, load_settings
+from gateway.errors import ConfigError
 
 log = structlog.get_logger(__name__)
 
@@ -80,6 +82,8 @@ def supervise(settings: Settings, argv: Sequence[str], environ: Mapping[str, str
                 _reap(pool, metrics_dir, restart=True)
                 if signums & _STOP_SIGNALS:
                     break
+                if signal.SIGHUP in signums:
+                    settings = _forward_reload(pool, settings, argv, environ)
                 for worker in pool:
                     if worker.restart_at is not None and worker.restart_at <= time.monotonic():
                         _start(worker, command, env)
@@ -87,6 +91,20 @@ def supervise(settings: Settings, argv: Sequence[str], environ: Mapping[str, str
             return _stop(pool, wakeup_fd, metrics_dir, drain_timeout_s + STOP_MARGIN_S)
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _forward_reload(pool: list[Worker], settings: Settings, argv: Sequence[str],
+                    environ: Mapping[str, str]) -> Settings:
+    """SIGHUP to every live worker; the supervisor itself only takes up a new --drain-timeout for its stop."""
+    live = [worker.process for worker in pool if worker.process is not None]
+    for process in live:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGHUP)
+    log.info("supervisor_reload_forwarded", workers=len(live))
+    try:
+        return load_settings(argv, environ)
+    except ConfigError:  # each worker logs why and keeps its configuration
+        return settings
 
 
 def _start(worker: Worker, command: list[str], env: dict[str, str]) -> None:
@@ -97,7 +115,12 @@ def _start(worker: Worker, command: list[str], env: dict[str, str]) -> None:
 
 
 def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM (a drain) if the supervisor dies without stopping us."""
+    """In the child before exec: get SIGTERM (a drain) if the supervisor dies without stopping us.
+
+    SIGHUP is ignored until the worker installs its reload handler: exec resets our handler to the
+    default, which would kill a worker that a forwarded SIGHUP reaches while it starts.
+    """
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -159,7 +182,7 @@ def _signal_pipe() -> Iterator[int]:
     os.set_blocking(read_fd, False)
     os.set_blocking(write_fd, False)
     previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    watched = (*_STOP_SIGNALS, signal.SIGCHLD)
+    watched = (*_STOP_SIGNALS, signal.SIGCHLD, signal.SIGHUP)
     previous = {signum: signal.signal(signum, lambda signum, frame: None) for signum in watched}
     try:
         yield read_fd

@@ -64,6 +64,9 @@ class UpstreamClient(Protocol):
     def stats(self) -> PoolStats | None:
         """The pool's counts for /metrics, or None if the transport keeps no pool of its own."""
 
+    def reconfigure(self, settings: Settings, policy: TargetPolicy | None) -> None:
+        """Take up a reload's timeouts and, unless None, its target policy (reload.py)."""
+
     async def close(self) -> None: ...
 
 
@@ -103,7 +106,7 @@ class PolicyResolver(AbstractResolver):
     """aiohttp's DNS seam, answered by the target policy: only checked addresses reach connect()."""
 
     def __init__(self, policy: TargetPolicy) -> None:
-        self._policy = policy
+        self.policy = policy  # replaced by a reload
 
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
@@ -112,7 +115,7 @@ class PolicyResolver(AbstractResolver):
             ResolveResult(hostname=host, host=address, port=port,
                           family=socket.AF_INET6 if ":" in address else socket.AF_INET,
                           proto=0, flags=socket.AI_NUMERICHOST)
-            for address in await self._policy.resolve_allowed(host, port)
+            for address in await self.policy.resolve_allowed(host, port)
         ]
 
     async def close(self) -> None:
@@ -126,20 +129,24 @@ class AiohttpClient:
     aiohttp never resolves) in request(). `socket_factory` lets a test see each connect attempt.
     """
 
-    def __init__(self, settings: Settings, socket_factory: Callable[..., socket.socket] | None = None) -> None:
-        self._policy = TargetPolicy.from_settings(settings)
+    def __init__(self, settings: Settings, socket_factory: Callable[..., socket.socket] | None = None,
+                 policy: TargetPolicy | None = None) -> None:
+        self._policy = policy or TargetPolicy.from_settings(settings)
+        self._resolver = PolicyResolver(self._policy)
         self._retry_budget_s = settings.connect_retry_budget_s
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s, sock_read=None)
         # force_close: aiohttp's parser keeps bytes an upstream sent past a response's end where the pool
         # cannot see them, and the next request on that connection would read them (issue #11). Without
         # keep-alive no exchange can reach another; the lean transport pools safely.
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, force_close=True, ttl_dns_cache=10,
-                                         resolver=PolicyResolver(self._policy), socket_factory=socket_factory)
+        self._connector = connector = aiohttp.TCPConnector(
+            limit=0, limit_per_host=0, force_close=True, ttl_dns_cache=10, resolver=self._resolver,
+            socket_factory=socket_factory)
         self._session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
             cookie_jar=aiohttp.DummyCookieJar(),
             skip_auto_headers=_AIOHTTP_AUTO_HEADERS,
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s, sock_read=None),
+            timeout=self._timeout,
             trust_env=False,
             max_field_size=65536,
         )
@@ -154,7 +161,7 @@ class AiohttpClient:
     async def _send(self, method: str, url: URL, headers: Mapping[str, str], body: Body) -> AiohttpResponse:
         try:
             response = await self._session.request(
-                method, url, headers=headers, data=body, allow_redirects=False
+                method, url, headers=headers, data=body, allow_redirects=False, timeout=self._timeout
             )
         except aiohttp.ClientConnectorError as exc:
             raise exc.os_error from exc
@@ -177,6 +184,13 @@ class AiohttpClient:
 
     def stats(self) -> PoolStats | None:
         return None  # force_close: nothing pooled
+
+    def reconfigure(self, settings: Settings, policy: TargetPolicy | None) -> None:
+        self._retry_budget_s = settings.connect_retry_budget_s
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=settings.connect_timeout_s, sock_read=None)
+        if policy is not None:
+            self._policy = self._resolver.policy = policy
+            self._connector.clear_dns_cache()  # its addresses were checked under the old policy
 
     async def close(self) -> None:
         await self._session.close()

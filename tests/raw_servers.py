@@ -1,10 +1,14 @@
-"""Raw asyncio TCP servers on 127.0.0.1 for upstreams that write exact bytes, torn down cleanly."""
+"""Raw asyncio TCP servers on 127.0.0.1 for upstreams that write exact bytes, torn down cleanly; and aiohttp
+apps served without pytest-aiohttp's fixtures, for tests of a gateway subprocess that need not run once per
+upstream transport (conftest parametrizes every test using those fixtures)."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
+from aiohttp import web
 from yarl import URL
 
 Handle = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -43,3 +47,16 @@ class RawServers:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for server in self._servers:
             await server.wait_closed()
+
+
+@asynccontextmanager
+async def running_app(app: web.Application) -> AsyncIterator[URL]:
+    """An aiohttp app on 127.0.0.1 and a free port, for as long as the block runs."""
+    runner = web.AppRunner(app, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        yield URL(f"http://127.0.0.1:{runner.addresses[0][1]}")
+    finally:
+        await runner.cleanup()

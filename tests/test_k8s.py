@@ -142,6 +142,45 @@ def test_config_map_holds_valid_settings_and_a_target_allow_list(
     assert table["target_allow"] == ["10.0.0.0/8:8081"]
     config = tmp_path / "gateway.toml"
     config.write_text(config_map["data"]["gateway.toml"])
-    settings = load_settings(["--config", str(config)], {})
+    tokens = tmp_path / "tokens"  # the token file a Secret mounts in production (below)
+    tokens.write_text("token\n")
+    settings = load_settings(["--config", str(config), "--auth-token-file", str(tokens)], {})
     assert (settings.port, settings.admin_port, settings.schedule_type, settings.target_allow) == (
         8081, 8082, "k8s", ("10.0.0.0/8:8081",))
+
+
+def test_production_mounts_the_tls_and_token_secrets_where_its_settings_read_them(tmp_path: Path) -> None:
+    rendered = by_kind(render("overlays/production"))
+    pod = rendered["Deployment"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    secrets = {volume["name"]: volume["secret"]["secretName"] for volume in pod["volumes"] if "secret" in volume}
+    mounts = {mount["mountPath"]: mount for mount in container["volumeMounts"]}
+    table = tomllib.loads(rendered["ConfigMap"]["data"]["gateway.toml"])
+    read = {name: Path(table[name]) for name in ("tls_cert", "tls_key", "auth_token_file")}
+
+    assert secrets == {"tls": "mcp-gateway-tls", "tokens": "mcp-gateway-tokens"}
+    for name, path in read.items():
+        mount = mounts[str(path.parent)]
+        assert mount["name"] in secrets, name
+        # A subPath mount is never updated when its Secret changes: rotation needs the whole directory.
+        assert (mount["readOnly"], "subPath" in mount) == (True, False), name
+    assert (read["tls_cert"].name, read["tls_key"].name) == ("tls.crt", "tls.key")  # a kubernetes.io/tls Secret
+    assert table["watch_interval_s"] > 0  # a rotated Secret reaches the pods without a restart
+
+    # The same settings pass the startup checks (--check-config) with such files in those places.
+    from gateway.configuration import load_configuration
+    from tests.certs import Authority
+
+    ca = Authority.create(tmp_path, "ca")
+    issued = ca.issue("server", server=True)
+    files = {"tls_cert": issued.cert.read_text(), "tls_key": issued.key.read_text(), "auth_token_file": "t\n"}
+    text = rendered["ConfigMap"]["data"]["gateway.toml"]
+    for name, path in read.items():
+        local = tmp_path / path.relative_to("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        local.write_text(files[name])
+        text = text.replace(f'"{path}"', f'"{local}"')
+    config = tmp_path / "gateway.toml"
+    config.write_text(text)
+    configuration = load_configuration(["--config", str(config)], {})
+    assert (configuration.tls is not None, configuration.tokens) == (True, ("t",))
