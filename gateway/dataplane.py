@@ -84,6 +84,7 @@ def data_plane_handler(
         exchange = access_log.exchange(request)
         response: Response | StreamResponse | None = None
         try:
+            refusal: GatewayError | None = None
             try:
                 if request.refusal is not None:
                     raise request.refusal
@@ -98,10 +99,13 @@ def data_plane_handler(
                 finally:
                     limits.release(exchange)
             except GatewayError as error:
-                exchange.error = error
-                response = await error_response(error, request, exchange)
-                if error.closes_connection:
+                refusal = error
+            if refusal is not None:  # answered outside the except: no await in one (gateway/retry.py says why)
+                exchange.error = refusal
+                response = await error_response(refusal, request, exchange)
+                if refusal.closes_connection:
                     request.connection.keep_alive = False
+            assert response is not None
             if not response.prepared:  # our own answers and small replies; the proxy sets it on what it streams
                 response.headers[REQUEST_ID] = exchange.request_id
             return response

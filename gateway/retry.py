@@ -29,6 +29,9 @@ async def retry_refused(attempt: Callable[[], Awaitable[T]], budget_s: float) ->
             remaining = deadline - loop.time()
             if remaining <= 0:
                 raise
-            # Full jitter (AWS architecture blog): replicas retrying one sandbox do not move in step.
-            await asyncio.sleep(min(remaining, random.uniform(0, delay)))
-            delay = min(delay * 2, MAX_DELAY_S)
+        # The wait is outside the except, as every await in the compiled modules is: compiled code (mypyc)
+        # suspended in an except or finally block leaves its exception as the one being handled for the
+        # other tasks, whose own exceptions then chain to it (tests/test_import_layers.py checks for it).
+        # Full jitter (AWS architecture blog): replicas retrying one sandbox do not move in step.
+        await asyncio.sleep(min(remaining, random.uniform(0, delay)))
+        delay = min(delay * 2, MAX_DELAY_S)

@@ -436,17 +436,20 @@ class ClientConnection(asyncio.Protocol):
         deadline = self.loop.time() + timeout_s
         task = self._task
         if task is not None:
+            stopped: BaseException | None = None
             try:
                 async with asyncio.timeout_at(deadline):
                     await asyncio.shield(task)
-            except (TimeoutError, asyncio.CancelledError):
+            except (TimeoutError, asyncio.CancelledError) as exc:
+                stopped = exc
+            except Exception:  # _serve logged it
+                pass
+            if stopped is not None:  # awaited outside the except (gateway/retry.py says why)
                 task.cancel()
                 await asyncio.wait([task], timeout=1.0)
                 current = asyncio.current_task()
                 if current is not None and current.cancelling():
-                    raise  # the drain itself was cancelled, not only the handler
-            except Exception:  # _serve logged it
-                pass
+                    raise stopped  # the drain itself was cancelled, not only the handler
         if self._transport is not None and not self._lost:
             # What the last reply left in the transport's buffer still goes out, within the time left.
             self._lost_waiter = lost = self.loop.create_future()

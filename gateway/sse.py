@@ -43,9 +43,12 @@ async def relay(
                 return
         tail = b"\n\n"  # the last bytes written, to know whether we are between events (at the start: yes)
         while not stream.closing:
+            quiet = False
             try:
                 chunk = await _next_chunk(upstream_response, exchange, stream, task, keepalive_s)
             except TimeoutError:  # keepalive_s without a byte
+                quiet = True
+            if quiet:  # written outside the except (gateway/retry.py says why)
                 if not stream.closing and tail.endswith(_EVENT_ENDS):
                     await downstream_response.write(KEEPALIVE)
                 continue
