@@ -26,6 +26,7 @@ from gateway.origin import OriginPolicy
 from gateway.policy import TargetPolicy
 from gateway.proxy import Proxy
 from gateway.server import Server
+from gateway.tracing import Tracing
 from gateway.upstream import AiohttpClient, UpstreamClient
 from gateway.via import new_mark
 
@@ -36,7 +37,8 @@ LIMITS: Final = web.AppKey("limits", Limits)
 
 
 def build_gateway_app(
-    settings: Settings, engine: Engine | None = None, metrics: Metrics | None = None
+    settings: Settings, engine: Engine | None = None, metrics: Metrics | None = None,
+    tracing: Tracing | None = None,
 ) -> web.Application:
     engine = engine or build_engine(settings)
     limits = Limits(settings)
@@ -63,7 +65,7 @@ def build_gateway_app(
     app.cleanup_ctx.append(_watching_fds)
     app.cleanup_ctx.append(lambda _: deadlines.run())
     origins = OriginPolicy.build(settings.allow_origin, settings.allow_host)
-    handler = data_plane_handler(proxy, AccessLog(settings, metrics, engine.name), authenticate,
+    handler = data_plane_handler(proxy, AccessLog(settings, metrics, engine.name, tracing), authenticate,
                                  origins.check if origins.checks_anything else None)
     app[DATA_PLANE] = Server(handler, max_head_bytes=settings.max_header_size)
     return app

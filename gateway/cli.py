@@ -13,6 +13,7 @@ from typing import Final
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from yarl import URL
 
 from gateway.admin import Readiness
 from gateway.app import LIMITS, DataPlaneRunner, build_admin_app, build_gateway_app
@@ -25,6 +26,7 @@ from gateway.limits import Limits
 from gateway.log import configure_logging, shown_settings
 from gateway.metrics import Metrics, use_multiprocess_dir
 from gateway.supervisor import SUPERVISOR_PID_ENV, supervise
+from gateway.tracing import Tracing, TracingConfig, tracing_config
 
 log = structlog.get_logger(__name__)
 
@@ -46,15 +48,18 @@ def settle_garbage_collector() -> None:
     gc.set_threshold(*GC_THRESHOLDS)
 
 
-async def serve(settings: Settings, engine: Engine, reuse_port: bool = False) -> None:
+async def serve(settings: Settings, engine: Engine, reuse_port: bool = False,
+                trace_config: TracingConfig | None = None) -> None:
     """Serve the proxy and admin ports until SIGTERM or SIGINT, then drain (docs/security.md).
 
     reuse_port when a supervisor runs several workers on the same ports (docs/scaling.md).
+    trace_config: tracing is on; the span exporter of this process starts here (docs/observability.md).
     """
     fd_limit = raise_fd_limit()  # before the pool sizes its budget from it
     readiness = Readiness()
     metrics = Metrics.build(CollectorRegistry(), settings.metrics_multiproc_dir)
-    gateway_app = build_gateway_app(settings, engine, metrics)
+    tracing = Tracing(trace_config, engine.name) if trace_config is not None else None
+    gateway_app = build_gateway_app(settings, engine, metrics, tracing)
     # shutdown_timeout is what is left after our own drain: requests still running then are cancelled.
     gateway_runner = DataPlaneRunner(gateway_app, shutdown_timeout=CLOSE_GRACE_S)
     admin_runner = web.AppRunner(build_admin_app(readiness, metrics), access_log=None,
@@ -73,6 +78,9 @@ async def serve(settings: Settings, engine: Engine, reuse_port: bool = False) ->
         log.info("gateway_started", host=settings.host, port=settings.port,
                  admin_port=settings.admin_port, engine=settings.schedule_type, fd_limit=fd_limit,
                  upstream_max_connections=connection_budget(settings))
+        if trace_config is not None:
+            log.info("tracing_started", endpoint=str(URL(trace_config.endpoint).with_user(None)),
+                     service_name=trace_config.service_name, sampler=trace_config.sampler)
         await signalled.wait()
         readiness.ready = False
         await _drain(gateway_app[LIMITS], settings.drain_timeout_s, signalled)
@@ -81,6 +89,9 @@ async def serve(settings: Settings, engine: Engine, reuse_port: bool = False) ->
         await gateway_runner.cleanup()
         await admin_runner.cleanup()
         metrics.retire()
+        if tracing is not None:
+            await asyncio.sleep(0)  # the last requests' spans end in the access log's next pass
+            tracing.shutdown()
 
 
 async def _drain(limits: Limits, timeout_s: float, signalled: asyncio.Event) -> None:
@@ -116,6 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(argv, os.environ)
         engine = build_engine(settings)
+        trace_config = tracing_config(settings, os.environ)
         if settings.metrics_multiproc_dir:
             use_multiprocess_dir(settings.metrics_multiproc_dir, os.environ)
     except ConfigError as exc:
@@ -127,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if settings.workers > 1:
             return supervise(settings, argv, os.environ)
         with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
-            runner.run(serve(settings, engine, reuse_port=SUPERVISOR_PID_ENV in os.environ))
+            runner.run(serve(settings, engine, reuse_port=SUPERVISOR_PID_ENV in os.environ,
+                             trace_config=trace_config))
     except OSError as exc:  # a port already in use, an address we cannot bind
         print(f"mcp-gateway: error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 2

@@ -29,7 +29,8 @@ from gateway.exchange import (
 from gateway.headers import ENV_INSTANCE_ID, REQUEST_ID
 from gateway.jsonrpc import rpc_method
 from gateway.messages import Request, Response, StreamResponse
-from gateway.metrics import Metrics, upstream_error_kind
+from gateway.metrics import Metrics, endpoint, upstream_error_kind
+from gateway.tracing import TRACEPARENT, Tracing, parse_traceparent
 
 # nginx's code for a request whose client left before the response started.
 CLIENT_CLOSED_STATUS: Final = 499
@@ -169,8 +170,9 @@ class AccessLog:
     together: the same work, done in one warm loop instead of between two requests.
     """
 
-    def __init__(self, settings: Settings, metrics: Metrics, engine: str) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, engine: str, tracing: Tracing | None = None) -> None:
         self._line = AccessLine()
+        self._tracing = tracing
         self._metrics = metrics
         self._engine = engine
         self._log_body_bytes = settings.log_bodies
@@ -180,7 +182,10 @@ class AccessLog:
     def exchange(self, request: Request) -> Exchange:
         """The record of a request that has just arrived; its id is the caller's X-Request-ID or a new one."""
         request_id = request.headers.get(REQUEST_ID) or new_request_id()
-        return Exchange(request_id[:_MAX_FIELD_CHARS], self._log_body_bytes)
+        exchange = Exchange(request_id[:_MAX_FIELD_CHARS], self._log_body_bytes)
+        if self._tracing is not None:
+            exchange.span = self._tracing.start(request)
+        return exchange
 
     def finished(self, request: Request, exchange: Exchange, response: Response | StreamResponse | None) -> None:
         """The handler returned or raised: the request is accounted at the end of this loop pass."""
@@ -255,5 +260,15 @@ class AccessLog:
                 fields["request_body"] = redact_body(exchange.body_head[:self._log_body_bytes], self._secrets)
             if exchange.response_head is not None and not exchange.is_stream:
                 fields["response_body"] = redact_body(exchange.response_head, self._secrets)
+        span = exchange.span
+        if span is not None:
+            span.end(fields, endpoint(request.path), exchange.body_head, elapsed_ms)
+            fields["trace_id"], fields["span_id"] = span.trace_id, span.span_id
+        else:
+            traceparent = request.headers.get(TRACEPARENT)
+            if traceparent is not None:  # no span of ours: the caller's ids join the line to its trace
+                caller = parse_traceparent(traceparent)
+                if caller is not None:
+                    fields["trace_id"], fields["span_id"] = caller.trace_id, caller.span_id
         self._line.add("warning" if exchange.outcome in (UPSTREAM_ERROR, INTERNAL_ERROR) else "info", fields,
                        timestamp)
