@@ -240,7 +240,9 @@ class Tracing:
             endpoint=config.endpoint, headers=dict(config.headers), timeout=config.timeout_s,
             compression=Compression.Gzip if config.compression == "gzip" else Compression.NoCompression,
         )
-        resource = Resource.create({"service.name": config.service_name, "service.version": __version__})
+        # The engine is the same for every span of the process: said once, on the resource.
+        resource = Resource.create({"service.name": config.service_name, "service.version": __version__,
+                                    "aenv.engine": engine})
         self._provider: TracerProvider = TracerProvider(sampler=_sampler(config), resource=resource,
                                                         shutdown_on_exit=False)
         self._provider.add_span_processor(BatchSpanProcessor(
@@ -248,7 +250,6 @@ class Tracing:
             max_export_batch_size=config.max_export_batch_size, export_timeout_millis=config.export_timeout_ms,
         ))
         self._tracer: Tracer = self._provider.get_tracer("gateway", __version__)
-        self._engine = engine
         self._server_kind = SpanKind.SERVER
         self._set_span_in_context = trace.set_span_in_context
         self._non_recording_span = NonRecordingSpan
@@ -266,14 +267,12 @@ class Tracing:
         if traceparent is not None:
             parent = self._parent(traceparent, headers.getall(TRACESTATE, ()))
         method = request.method
+        # The SDK checks every attribute in Python (~2 µs each here, and as much again to encode it):
+        # constants (url.scheme http, network.transport tcp) are left out, and the engine is on the resource.
         attributes: dict[str, Any] = {
             "http.request.method": method if method in _HTTP_METHODS else "_OTHER",
-            "url.scheme": "http",
             "url.path": request.path[:_MAX_ATTRIBUTE_CHARS],
-            "network.protocol.name": "http",
             "network.protocol.version": request.version,
-            "network.transport": "tcp",
-            "aenv.engine": self._engine,
         }
         if method not in _HTTP_METHODS:
             attributes["http.request.method_original"] = method[:_MAX_ATTRIBUTE_CHARS]
@@ -303,7 +302,7 @@ class Tracing:
 class RequestSpan:
     """One request's server span, and what the access line and the upstream request take from it."""
 
-    __slots__ = ("forwarded_ns", "recording", "span", "span_id", "start_ns", "trace_id", "traceparent",
+    __slots__ = ("forwarded_ns", "recording", "span", "span_id", "start_ns", "target", "trace_id", "traceparent",
                  "tracestate", "tracing")
 
     def __init__(self, tracing: Tracing, span: Span, start_ns: int) -> None:
@@ -311,6 +310,7 @@ class RequestSpan:
         self.span = span
         self.start_ns = start_ns
         self.forwarded_ns = 0
+        self.target: URL | None = None
         self.recording = span.is_recording()  # False when sampled out: no attributes or events to add
         context = span.get_span_context()
         self.trace_id = f"{context.trace_id:032x}"
@@ -321,13 +321,12 @@ class RequestSpan:
     def forwarding(self, upstream_headers: CIMultiDict[str], target: URL) -> None:
         """The request goes upstream: its traceparent names this span, replacing the caller's."""
         self.forwarded_ns = time_ns()
+        self.target = target
         upstream_headers[TRACEPARENT] = self.traceparent
         if self.tracestate:
             upstream_headers[TRACESTATE] = self.tracestate
         else:
             upstream_headers.popall(TRACESTATE, None)
-        if self.recording:
-            self.span.set_attributes({"server.address": target.host or "", "server.port": target.port or 0})
 
     def responded(self, connected_ns: int) -> None:
         """The upstream's response head arrived; connected_ns as UpstreamResponse.connected_ns() says."""
@@ -356,9 +355,11 @@ class RequestSpan:
             "http.response.status_code": status,
             "aenv.endpoint": endpoint,
             "aenv.outcome": fields["outcome"],
-            "http.request.body.size": fields["bytes_in"],
-            "http.response.body.size": fields["bytes_out"],
         }
+        target = self.target
+        if target is not None:  # the upstream: the gateway has one span, so its server.* name the target
+            attributes["server.address"] = target.host or ""
+            attributes["server.port"] = target.port or 0
         if rpc_method and rpc_method not in ("other", "batch"):
             attributes["mcp.method.name"] = rpc_method
             span.update_name(rpc_method)
