@@ -83,6 +83,7 @@ async def serve(settings: Settings, engine: Engine, reuse_port: bool = False,
                      service_name=trace_config.service_name, sampler=trace_config.sampler)
         await signalled.wait()
         readiness.ready = False
+        metrics.draining.set(1)  # still scraped: the admin port serves until the drain is over
         await _drain(gateway_app[LIMITS], settings.drain_timeout_s, signalled)
         log.info("gateway_stopping")
     finally:
