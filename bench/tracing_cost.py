@@ -14,7 +14,10 @@ Two measurements:
               and once for 6,000 sequential POSTs; per request = (I(6000) - I(1000)) / 5000, so
               startup and shutdown cancel out. Slow (minutes per mode).
 
-Run: .venv/bin/python bench/tracing_cost.py [--rounds 5] [--requests 20000] [--callgrind]
+--checkout DIR runs the gateway from another checkout (its gateway/ package, this interpreter), e.g. main
+for the off path before and after: `--checkout ../main --modes off`.
+
+Run: .venv/bin/python bench/tracing_cost.py [--rounds 5] [--requests 20000] [--callgrind] [--checkout DIR]
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+GATEWAY_CWD = [ROOT]  # where `python -m gateway` runs: its gateway/ package is the one imported
 PY = sys.executable
 TICKS = os.sysconf("SC_CLK_TCK")
 MODES = ("no-extra", "off", "on", "ratio")
@@ -80,7 +84,7 @@ def wait_port(port: int, process: subprocess.Popen[bytes], limit_s: float = 300)
 @contextlib.contextmanager
 def started(argv: list[str], port: int, env: dict[str, str] | None = None,
             limit_s: float = 60) -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen(argv, cwd=ROOT, env={**os.environ, **(env or {})},
+    process = subprocess.Popen(argv, cwd=GATEWAY_CWD[0], env={**os.environ, **(env or {})},
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port, process, limit_s)
@@ -167,10 +171,13 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     parser.add_argument("--callgrind", action="store_true")
+    parser.add_argument("--checkout", type=Path, help="run the gateway from this checkout's gateway/")
     args = parser.parse_args()
     upstream_port, receiver_port = free_port(), free_port()
     with started([PY, str(HERE / "upstream.py"), "--port", str(upstream_port)], upstream_port), \
             started([PY, "-c", RECEIVER, str(receiver_port)], receiver_port):
+        if args.checkout is not None:
+            GATEWAY_CWD[0] = args.checkout.resolve()
         if args.callgrind:
             with tempfile.TemporaryDirectory(prefix="tracing-cost-") as tmp:
                 print("mode       instructions per request (callgrind, (I(6000) - I(1000)) / 5000)")

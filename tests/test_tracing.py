@@ -21,6 +21,7 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession, web
 from google.protobuf.json_format import MessageToDict
+from multidict import CIMultiDict, CIMultiDictProxy
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from pytest_aiohttp import AiohttpClient, AiohttpServer
@@ -29,7 +30,8 @@ from yarl import URL
 from gateway.config import Settings
 from gateway.errors import ConfigError
 from gateway.headers import ENV_INSTANCE_ID, MCP_PROXY_URL
-from gateway.tracing import DEFAULT_ENDPOINT, TraceParent, parse_traceparent, tracing_config
+from gateway.messages import Request
+from gateway.tracing import DEFAULT_ENDPOINT, TraceParent, Tracing, parse_traceparent, tracing_config
 from tests.conftest import SECRET_MARKER, serve_gateway
 from tests.process import GatewayProcess, free_port, gateway_process
 
@@ -147,6 +149,54 @@ def test_the_program_says_in_one_line_what_is_missing(tmp_path: Path) -> None:
     assert (grpc.returncode, grpc.stdout) == (2, "")
     assert grpc.stderr.startswith("mcp-gateway: error: OTEL_EXPORTER_OTLP_PROTOCOL: 'grpc' is not supported")
     assert grpc.stderr.count("\n") == 1
+
+
+# --- sampling ----------------------------------------------------------------------------------
+
+def _request(*headers: tuple[str, str]) -> Request:
+    return Request(None, "POST", "/mcp", "1.1", CIMultiDictProxy(CIMultiDict(headers)), 0, True)  # type: ignore[arg-type]
+
+
+async def test_sampling_is_decided_before_the_sdk_and_a_dropped_span_still_propagates(receiver: Receiver) -> None:
+    def tracing(sampler: str, ratio: str) -> Tracing:
+        config = tracing_config(Settings(), {**OTEL_ON, "OTEL_EXPORTER_OTLP_ENDPOINT": str(receiver.url),
+                                             "OTEL_TRACES_SAMPLER": sampler, "OTEL_TRACES_SAMPLER_ARG": ratio})
+        assert config is not None
+        return Tracing(config, "k8s")
+
+    fields = {"status": 200, "rpc_method": "", "outcome": "ok", "method": "POST"}
+    unsampled = f"00-{CALLER_TRACE}-{CALLER_SPAN}-00"
+    never = tracing("parentbased_traceidratio", "0")  # roots never; a caller's flag decides
+    always = tracing("traceidratio", "1")  # every trace, whatever the caller's flag
+    kept, spans = [], []
+    for tracer, headers in ((never, [("traceparent", CALLER_TRACEPARENT)]),
+                            (never, [("traceparent", unsampled), ("tracestate", "a=1"), ("tracestate", "b=2")]),
+                            (never, []),
+                            (always, [("traceparent", unsampled)]),
+                            (always, [("traceparent", "garbage")])):
+        span = tracer.start(_request(*headers))
+        forwarded: CIMultiDict[str] = CIMultiDict(headers)
+        span.forwarding(forwarded, URL("http://127.0.0.1:9000/mcp"))
+        span.end(fields, "/mcp", b"", 1.0)
+        spans.append((span, forwarded))
+        if span.span is not None:
+            kept.append(span)
+    for tracer in (never, always):
+        await asyncio.to_thread(tracer.shutdown)
+
+    (parent_sampled, _), (parent_unsampled, unsampled_headers), (root, _), (ratio_one, _), (new_trace, _) = spans
+    assert [span is not None for span in (parent_sampled.span, parent_unsampled.span, root.span, ratio_one.span,
+                                          new_trace.span)] == [True, False, False, True, True]
+    # Dropped: the caller's trace, a span id of the gateway's own, not sampled; tracestate as sent.
+    assert unsampled_headers["traceparent"] == f"00-{CALLER_TRACE}-{parent_unsampled.span_id}-00"
+    assert parent_unsampled.span_id != CALLER_SPAN and len(parent_unsampled.span_id) == 16
+    assert unsampled_headers.getall("tracestate") == ["a=1,b=2"]
+    assert root.traceparent.endswith("-00") and root.trace_id != CALLER_TRACE
+    # Kept: exported with the trace ids the access line shows (a new trace: the id that was sampled).
+    assert sorted((span.trace_id.hex(), span.span_id.hex()) for span in receiver.spans) == sorted(
+        (span.trace_id, span.span_id) for span in kept)
+    assert ratio_one.traceparent == f"00-{CALLER_TRACE}-{ratio_one.span_id}-01"
+    assert new_trace.trace_id != CALLER_TRACE and new_trace.traceparent.endswith("-01")
 
 
 # --- end to end --------------------------------------------------------------------------------
