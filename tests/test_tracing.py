@@ -32,7 +32,7 @@ from gateway.errors import ConfigError
 from gateway.headers import ENV_INSTANCE_ID, MCP_PROXY_URL
 from gateway.messages import Request
 from gateway.tracing import DEFAULT_ENDPOINT, TraceParent, Tracing, parse_traceparent, tracing_config
-from tests.conftest import SECRET_MARKER, serve_gateway
+from tests.conftest import SECRET_MARKER, UPSTREAM_CLIENTS, serve_gateway
 from tests.process import GatewayProcess, free_port, gateway_process
 
 CALLER_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -211,8 +211,19 @@ class Receiver:
     spans: list[Span] = field(default_factory=list)
 
 
+async def _serve(app: web.Application) -> tuple[URL, web.AppRunner]:
+    """An aiohttp app on 127.0.0.1: not through the aiohttp_server fixture, which runs a test once per
+    transport (conftest.py); the tests below that need both say so."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    return URL(f"http://127.0.0.1:{port}"), runner
+
+
 @pytest.fixture
-async def receiver(aiohttp_server: AiohttpServer) -> Receiver:
+async def receiver() -> AsyncIterator[Receiver]:
     found = Receiver(URL("http://127.0.0.1"))
 
     async def export(request: web.Request) -> web.Response:
@@ -227,9 +238,9 @@ async def receiver(aiohttp_server: AiohttpServer) -> Receiver:
 
     app = web.Application()
     app.router.add_post("/v1/traces", export)
-    server = await aiohttp_server(app)
-    found.url = server.make_url("")
-    return found
+    found.url, runner = await _serve(app)
+    yield found
+    await runner.cleanup()
 
 
 @dataclass(slots=True)
@@ -240,7 +251,7 @@ class TracedUpstream:
 
 
 @pytest.fixture
-async def traced_upstream(aiohttp_server: AiohttpServer) -> TracedUpstream:
+async def traced_upstream() -> AsyncIterator[TracedUpstream]:
     """Records the headers of every request; GET /sse streams SSE_EVENTS events, POST answers JSON, /fail 503."""
     upstream = TracedUpstream(URL("http://127.0.0.1"))
 
@@ -262,9 +273,9 @@ async def traced_upstream(aiohttp_server: AiohttpServer) -> TracedUpstream:
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", answer)
-    server = await aiohttp_server(app)
-    upstream.url = server.make_url("")
-    return upstream
+    upstream.url, runner = await _serve(app)
+    yield upstream
+    await runner.cleanup()
 
 
 def _attributes(span: Span) -> dict[str, Any]:
@@ -291,14 +302,15 @@ def token_file(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.parametrize("transport", UPSTREAM_CLIENTS)
 async def test_each_request_is_a_server_span_joined_to_the_caller_and_the_upstream(
-    receiver: Receiver, traced_upstream: TracedUpstream, token_file: Path, upstream_client: str,
+    receiver: Receiver, traced_upstream: TracedUpstream, token_file: Path, transport: str,
 ) -> None:
     closed_port = free_port()
     route = {MCP_PROXY_URL: str(traced_upstream.url), "Authorization": f"Bearer tok-{SECRET_MARKER}-bearer"}
     caller = {"traceparent": CALLER_TRACEPARENT, "tracestate": TRACESTATE, "baggage": BAGGAGE}
     env = {**_without_otel(os.environ), **OTEL_ON, "OTEL_EXPORTER_OTLP_ENDPOINT": str(receiver.url)}
-    with gateway_process("--upstream-client", upstream_client, "--auth-token-file", str(token_file),
+    with gateway_process("--upstream-client", transport, "--auth-token-file", str(token_file),
                          "--connect-retry-budget", "0", env=env) as gateway:
         async with ClientSession() as client:
             called = await client.post(
@@ -341,7 +353,7 @@ async def test_each_request_is_a_server_span_joined_to_the_caller_and_the_upstre
     }
     assert call.status.code == Status.STATUS_CODE_UNSET
     events = [(event.name, _attributes(event)) for event in call.events]
-    if upstream_client == "lean":  # aiohttp's client does not say when it connected
+    if transport == "lean":  # aiohttp's client does not say when it connected
         assert events == [("upstream connected", {"aenv.connection.reused": False}), ("first response byte", {})]
         assert call.start_time_unix_nano < call.events[0].time_unix_nano <= call.events[1].time_unix_nano
     else:
@@ -387,13 +399,12 @@ async def test_each_request_is_a_server_span_joined_to_the_caller_and_the_upstre
                for span in receiver.spans if span.span_id.hex() == line["span_id"])
 
 
-async def test_the_arca_key_never_reaches_a_span(receiver: Receiver, traced_upstream: TracedUpstream,
-                                                 upstream_client: str) -> None:
+async def test_the_arca_key_never_reaches_a_span(receiver: Receiver, traced_upstream: TracedUpstream) -> None:
     key = f"arca-{SECRET_MARKER}-key"
     env = {**_without_otel(os.environ), **OTEL_ON, "OTEL_EXPORTER_OTLP_ENDPOINT": str(receiver.url),
            "ARCA_API_KEY": key}
     with gateway_process("--schedule-type", "arca", "--arca-base-url", str(traced_upstream.url),
-                         "--arca-data-plane", "proxy", "--upstream-client", upstream_client, env=env) as gateway:
+                         "--arca-data-plane", "proxy", env=env) as gateway:
         async with ClientSession() as client:
             called = await client.post(gateway.url / "mcp", data=TOOL_CALL, headers={ENV_INSTANCE_ID: "sbx-9"})
             assert called.status == 200
@@ -413,13 +424,13 @@ def _threads(pid: int) -> list[str]:
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads /proc")
 async def test_tracing_off_starts_no_exporter_and_still_logs_the_callers_ids(
-    traced_upstream: TracedUpstream, receiver: Receiver, upstream_client: str,
+    traced_upstream: TracedUpstream, receiver: Receiver,
 ) -> None:
     env = _without_otel(os.environ)
     on_env = {**env, **OTEL_ON, "OTEL_EXPORTER_OTLP_ENDPOINT": str(receiver.url)}
     threads: dict[str, list[str]] = {}
     for mode, environment in (("off", env), ("on", on_env)):
-        with gateway_process("--upstream-client", upstream_client, env=environment) as gateway:
+        with gateway_process(env=environment) as gateway:
             async with ClientSession() as client:
                 called = await client.post(gateway.url / "mcp", data=TOOL_CALL, headers={
                     MCP_PROXY_URL: str(traced_upstream.url), "traceparent": CALLER_TRACEPARENT})
