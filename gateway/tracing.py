@@ -209,8 +209,8 @@ class Tracing:
 
     Sampling is decided here, before the SDK is called, by the rules of the SDK's samplers (its
     TraceIdRatioBased bound on the trace id's low 64 bits; ParentBased: a valid caller's sampled flag):
-    a request sampled out costs no SDK call at all (callgrind: the SDK's start_span alone is ~4x what
-    the rest of a dropped span costs). The SDK then samples what it is given (ALWAYS_ON).
+    a request sampled out costs no SDK call at all (callgrind, in process: 72,000 instructions per
+    request sampled out through the SDK, 20,000 without it). The SDK records what it is given (ALWAYS_ON).
     """
 
     def __init__(self, config: TracingConfig, engine: str) -> None:
