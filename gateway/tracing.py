@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import random
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from time import time_ns
@@ -38,6 +39,9 @@ TRACESTATE: Final = istr("tracestate")
 MCP_SESSION_ID: Final = istr("Mcp-Session-Id")
 MCP_PROTOCOL_VERSION: Final = istr("MCP-Protocol-Version")
 
+# At exit, queued spans get this long to leave (less if OTEL_BSP_EXPORT_TIMEOUT is shorter): with the
+# collector gone the exporter would retry for its whole timeout, and a supervisor or kubelet waits for no one.
+SHUTDOWN_TIMEOUT_S: Final = 5.0
 DEFAULT_SERVICE_NAME: Final = "mcp-gateway"
 DEFAULT_ENDPOINT: Final = "http://localhost:4318"
 TRACES_PATH: Final = "/v1/traces"
@@ -249,6 +253,7 @@ class Tracing:
             max_export_batch_size=config.max_export_batch_size, export_timeout_millis=config.export_timeout_ms,
         ))
         self._tracer: Tracer = self._provider.get_tracer("gateway", __version__)
+        self._shutdown_timeout_s = min(SHUTDOWN_TIMEOUT_S, config.export_timeout_ms / 1000)
         self._server_kind = SpanKind.SERVER
         self._set_span_in_context = trace.set_span_in_context
         self._non_recording_span = NonRecordingSpan
@@ -312,8 +317,11 @@ class Tracing:
         return self._set_span_in_context(self._non_recording_span(context))
 
     def shutdown(self) -> None:
-        """Export what is queued (bounded by OTEL_BSP_EXPORT_TIMEOUT), then stop the export thread."""
-        self._provider.shutdown()
+        """Export what is queued, then stop the export thread; after SHUTDOWN_TIMEOUT_S the process goes
+        on exiting without them (the SDK's export thread is a daemon)."""
+        stopping = threading.Thread(target=self._provider.shutdown, name="otel-shutdown", daemon=True)
+        stopping.start()
+        stopping.join(self._shutdown_timeout_s)
 
 
 class RequestSpan:
