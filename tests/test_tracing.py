@@ -27,7 +27,7 @@ from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
 from pytest_aiohttp import AiohttpClient, AiohttpServer
 from yarl import URL
 
-from gateway.config import Settings
+from gateway.config import Settings, load_settings
 from gateway.errors import ConfigError
 from gateway.headers import ENV_INSTANCE_ID, MCP_PROXY_URL
 from gateway.messages import Request
@@ -115,6 +115,20 @@ def test_defaults_and_the_signal_endpoint() -> None:
                            {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://t:9/custom"})
     assert flags is not None
     assert (flags.endpoint, flags.sampler, flags.sampler_arg) == ("https://otel.example/v1/traces", "traceidratio", 0.5)
+
+
+def test_the_trace_flags_parse_and_stop_on_a_bad_value() -> None:
+    settings = load_settings(["--trace-exporter", "otlp", "--trace-endpoint", "http://collector:4318",
+                              "--trace-sampler", "parentbased_traceidratio", "--trace-sampler-arg", "0.1"], {})
+    config = tracing_config(settings, {"OTEL_TRACES_EXPORTER": "none", "OTEL_TRACES_SAMPLER": "always_off"})
+    assert config is not None
+    assert (config.endpoint, config.sampler, config.sampler_arg) == (
+        "http://collector:4318/v1/traces", "parentbased_traceidratio", 0.1)
+    for argv, message in ((["--trace-sampler-arg", "1.5"], "--trace-sampler-arg: '1.5' from --trace-sampler-arg"),
+                          (["--trace-exporter", "grpc"], "--trace-exporter: 'grpc'"),
+                          (["--trace-sampler", "sometimes"], "--trace-sampler: 'sometimes'")):
+        with pytest.raises(ConfigError, match=message):
+            load_settings(argv, {})
 
 
 @pytest.mark.parametrize(("environ", "message"), [
