@@ -10,6 +10,7 @@ here too, for the access line, whether tracing is on or not.
 from __future__ import annotations
 
 import importlib.util
+import logging
 import random
 import threading
 from collections.abc import Iterable, Mapping
@@ -254,6 +255,9 @@ class Tracing:
         ))
         self._tracer: Tracer = self._provider.get_tracer("gateway", __version__)
         self._shutdown_timeout_s = min(SHUTDOWN_TIMEOUT_S, config.export_timeout_ms / 1000)
+        # The API warns on stderr about each malformed tracestate member: a caller could write a line per
+        # request. Such a tracestate is dropped (W3C Trace Context §3.3.1.1 lets a vendor), silently.
+        logging.getLogger("opentelemetry.trace.span").setLevel(logging.ERROR)
         self._server_kind = SpanKind.SERVER
         self._set_span_in_context = trace.set_span_in_context
         self._non_recording_span = NonRecordingSpan

@@ -300,11 +300,14 @@ def _attributes(span: Span) -> dict[str, Any]:
     return values
 
 
-async def _stop(gateway: GatewayProcess) -> list[dict[str, Any]]:
-    """SIGTERM (the exporter flushes on the way out), then the access lines the program wrote."""
+async def _stop(gateway: GatewayProcess, stderr: list[str] | None = None) -> list[dict[str, Any]]:
+    """SIGTERM (the exporter flushes on the way out), then the access lines the program wrote (and,
+    into `stderr`, what it wrote there)."""
     gateway.process.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(gateway.process.wait, 15) == 0
-    assert gateway.process.stdout is not None
+    assert gateway.process.stdout is not None and gateway.process.stderr is not None
+    if stderr is not None:
+        stderr.append(gateway.process.stderr.read())
     lines = [json.loads(line) for line in gateway.process.stdout.read().splitlines() if line.startswith("{")]
     return [line for line in lines if line.get("event") in ("request", "tracing_started")]
 
@@ -443,22 +446,30 @@ async def test_tracing_off_starts_no_exporter_and_still_logs_the_callers_ids(
     env = _without_otel(os.environ)
     on_env = {**env, **OTEL_ON, "OTEL_EXPORTER_OTLP_ENDPOINT": str(receiver.url)}
     threads: dict[str, list[str]] = {}
+    stderr: list[str] = []
     for mode, environment in (("off", env), ("on", on_env)):
         with gateway_process(env=environment) as gateway:
             async with ClientSession() as client:
                 called = await client.post(gateway.url / "mcp", data=TOOL_CALL, headers={
                     MCP_PROXY_URL: str(traced_upstream.url), "traceparent": CALLER_TRACEPARENT})
                 assert called.status == 200
+                if mode == "on":  # a malformed tracestate: dropped, and no line on stderr per request
+                    bad = await client.post(gateway.url / "mcp", data=TOOL_CALL, headers={
+                        MCP_PROXY_URL: str(traced_upstream.url), "traceparent": CALLER_TRACEPARENT,
+                        "tracestate": 'bad"member,,a=1'})
+                    assert bad.status == 200
             threads[mode] = _threads(gateway.process.pid)
-            log_lines = await _stop(gateway)
+            log_lines = await _stop(gateway, stderr)
         if mode == "off":
             [line] = log_lines
             assert (line["trace_id"], line["span_id"]) == (CALLER_TRACE, CALLER_SPAN)
 
     assert threads["off"].count("python") == 1  # the main thread alone: no export thread
     assert threads["on"].count("python") == 2  # and the batch span processor's
-    assert len(receiver.spans) == 1  # only from the run with tracing on
+    assert len(receiver.spans) == 2  # only from the run with tracing on
     assert traced_upstream.headers[0]["traceparent"] == CALLER_TRACEPARENT  # off: untouched
+    assert "tracestate" not in traced_upstream.headers[2]
+    assert stderr == ["", ""]
 
 
 # --- trace context when tracing is off, both transports, SSE included ---------------------------
