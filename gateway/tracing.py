@@ -256,7 +256,7 @@ class Tracing:
         self._tracer: Tracer = self._provider.get_tracer("gateway", __version__)
         self._shutdown_timeout_s = min(SHUTDOWN_TIMEOUT_S, config.export_timeout_ms / 1000)
         # The API warns on stderr about each malformed tracestate member: a caller could write a line per
-        # request. Such a tracestate is dropped (W3C Trace Context §3.3.1.1 lets a vendor), silently.
+        # request. Such a tracestate is dropped, as the API drops it, without the line.
         logging.getLogger("opentelemetry.trace.span").setLevel(logging.ERROR)
         self._server_kind = SpanKind.SERVER
         self._set_span_in_context = trace.set_span_in_context
