@@ -4,19 +4,25 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
-.PHONY: run test install install-test install-js install-examples example lint bench bench-anchor bench-fleet bench-idle-sse bench-tracing check-dashboard conformance clean
+.PHONY: run test test-compiled compile pure install install-test install-compile install-js install-examples example \
+	lint bench bench-anchor bench-fleet bench-idle-sse bench-tracing check-dashboard conformance clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# The editable install is the pure-Python form; `make compile` builds the compiled one in place (setup.py).
 # With the otel extra, so that the OTEL_* variables switch tracing on for `make run` (docs/observability.md);
 # a plain `pip install .` has no tracing, and with tracing off nothing of OpenTelemetry is imported.
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(PIP) install -e '.[otel]'
+$(VENV)/.installed: pyproject.toml setup.py | $(BIN)/python
+	AENV_GATEWAY_COMPILE=0 $(PIP) install -e '.[otel]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 	$(PIP) install -e '.[test]'
+	touch $@
+
+$(VENV)/.installed-compile: pyproject.toml $(VENV)/.installed
+	$(PIP) install -e '.[compile]'
 	touch $@
 
 $(VENV)/.installed-examples: pyproject.toml $(VENV)/.installed
@@ -29,6 +35,21 @@ install-examples: $(VENV)/.installed-examples
 
 install-test: $(VENV)/.installed-test
 
+install-compile: $(VENV)/.installed-compile
+
+# The compiled form: the data plane's modules built by mypyc (about 90 s) into extension modules next to their
+# sources, which Python imports instead of the .py files; rebuilt when a source changes. `make pure` removes them.
+SOURCES := $(wildcard gateway/*.py gateway/*/*.py)
+COMPILED := $(VENV)/.compiled
+$(COMPILED): $(SOURCES) setup.py $(VENV)/.installed-compile
+	AENV_GATEWAY_COMPILE=1 $(BIN)/python setup.py --quiet build_ext --inplace
+	touch $@
+
+compile: $(COMPILED)
+
+pure:
+	rm -f gateway/*.so gateway/*/*.so $(COMPILED)
+
 # Node 22 and the JavaScript packages (js/package.json: the TypeScript SDK, the conformance suite), for
 # the TypeScript client test and `make conformance`; without npm those are skipped, saying why.
 JS_INSTALLED := js/node_modules/.package-lock.json
@@ -39,14 +60,22 @@ $(JS_INSTALLED): js/package-lock.json
 
 install-js: $(JS_INSTALLED)
 
+# Compiled when this machine can (a C compiler and the Python headers), else the pure-Python form.
 run: install
+	@$(MAKE) --no-print-directory compile || { $(MAKE) --no-print-directory pure; \
+		echo "could not compile the gateway (see above): running the pure-Python form"; }
 	$(BIN)/mcp-gateway --config config/gateway.toml
 
 # The bundled example MCP server on 127.0.0.1:9000, for the README's walkthrough.
 example: install-examples
 	$(BIN)/python examples/mcp_server.py --port 9000
 
-test: install-test install-js
+# The suite on the pure-Python form (compiled modules built in place are removed first) ...
+test: install-test install-js pure
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ... and on the compiled form. CI runs both (.ci/run).
+test-compiled: install-test install-js compile
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # ruff and mypy --strict, as configured in pyproject.toml (both pinned in the test extra).
@@ -60,13 +89,15 @@ lint: install-test
 conformance: install-test install-js
 	$(BIN)/python -m tests.conformance
 
-# About two minutes: the gateway beside direct (req/s, p50/p99, CPU per request, SSE, RSS). See docs/performance.md.
+# About three minutes: the gateway, pure and compiled, beside direct (req/s, p50/p99, CPU per request, SSE, RSS).
+# See docs/performance.md.
 bench: install
+	@$(MAKE) --no-print-directory compile || echo "could not compile: the pure-Python form only"
 	$(BIN)/python bench/run.py
 
 # The shared anchor benchmark (nginx, go-mimic, direct, the gateway) when ../shared/bench exists; ~4 minutes.
 ANCHOR ?= $(wildcard $(CURDIR)/../shared/bench)
-bench-anchor: install
+bench-anchor: install compile
 	@test -n "$(ANCHOR)" || { echo "no ../shared/bench here: use make bench"; exit 1; }
 	B=$$(mktemp -d)/bench && cp -r $(ANCHOR) "$$B" && \
 	CANDIDATE_NAME=gateway CANDIDATE_CWD="$(CURDIR)" \
@@ -95,4 +126,4 @@ check-dashboard: install-test
 	$(BIN)/python -m tests.check_dashboard
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache gateway/*.so gateway/*/*.so

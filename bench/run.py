@@ -1,6 +1,7 @@
 """`make bench`: the gateway beside direct (no proxy) in one run, bounded to about two minutes.
 
-Rows: direct (load straight to the upstream) and gateway. Figures: req/s, p50/p99 for POST /mcp at
+Rows: direct (load straight to the upstream) and the gateway, in its pure-Python form and, when `make compile`
+built it, its compiled form (setup.py), one after the other in the same run. Figures: req/s, p50/p99 for POST /mcp at
 each concurrency, proxy CPU µs per request from /proc, upstream connections opened, SSE per-event
 latency and CPU per event, peak RSS. Compare ratios within one run only: the machine is shared.
 Load comes from wrk when installed (apt-get install wrk), else from bench/loadgen.py (slower).
@@ -18,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -60,9 +62,9 @@ def wait_port(port: int, process: subprocess.Popen[bytes], limit_s: float = 20) 
 
 
 @contextlib.contextmanager
-def started(argv: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def started(argv: list[str], port: int, log: Path, cwd: Path = ROOT) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("wb") as out:
-        process = subprocess.Popen(argv, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_port(port, process)
         yield process
@@ -185,6 +187,19 @@ def table(rows: list[dict[str, object]], args: argparse.Namespace, tool: str) ->
     return "\n".join(lines) + "\n"
 
 
+def compiled_here() -> bool:
+    return any((ROOT / "gateway").glob("*.so"))
+
+
+@contextlib.contextmanager
+def pure_copy() -> Iterator[Path]:
+    """The package's sources without the compiled modules: `python -m gateway` run there is the pure form."""
+    with tempfile.TemporaryDirectory(prefix="gateway-pure-") as folder:
+        shutil.copytree(ROOT / "gateway", Path(folder) / "gateway",
+                        ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+        yield Path(folder)
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # run the finally blocks that stop the children
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -195,6 +210,8 @@ def main() -> None:
     parser.add_argument("--port-base", type=int, default=int(os.environ.get("PORT_BASE", 19800)))
     parser.add_argument("--gateway-args", default=os.environ.get("GATEWAY_ARGS", ""),
                         help="extra gateway flags, e.g. '--upstream-client aiohttp'")
+    parser.add_argument("--forms", default=os.environ.get("FORMS", ""),
+                        help="'pure', 'compiled' or both (default: both when make compile has built the compiled form)")
     args = parser.parse_args()
     upstream_port, gateway_port, admin_port = args.port_base, args.port_base + 1, args.port_base + 2
     results = HERE / "results"
@@ -202,11 +219,15 @@ def main() -> None:
     tool = "wrk" if shutil.which("wrk") else "bench/loadgen.py (install wrk for higher loads)"
     gateway_argv = [PY, "-m", "gateway", "--host", "127.0.0.1", "--port", str(gateway_port),
                     "--admin-port", str(admin_port), *args.gateway_args.split()]
+    # Both forms when the compiled one is built here (make compile): the pure one from a copy of the sources.
+    forms = args.forms.split() if args.forms else (["pure", "compiled"] if compiled_here() else ["pure"])
     with (started(pinned(0, [PY, str(HERE / "upstream.py"), "--port", str(upstream_port)]), upstream_port,
-                  results / "upstream.log"),
-          started(pinned(1, gateway_argv), gateway_port, results / "gateway.log") as gateway):
-        rows = [measure_row("direct", upstream_port, None, upstream_port, args),
-                measure_row("gateway", gateway_port, gateway.pid, upstream_port, args)]
+                  results / "upstream.log"), pure_copy() as pure_root):
+        rows = [measure_row("direct", upstream_port, None, upstream_port, args)]
+        for form in forms:
+            with started(pinned(1, gateway_argv), gateway_port, results / f"gateway-{form}.log",
+                         cwd=pure_root if form == "pure" else ROOT) as gateway:
+                rows.append(measure_row(f"gateway ({form})", gateway_port, gateway.pid, upstream_port, args))
     report = table(rows, args, tool)
     (results / "latest.md").write_text(report)
     (results / "latest.json").write_text(json.dumps(rows, indent=1))

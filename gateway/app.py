@@ -63,7 +63,7 @@ def build_gateway_app(
 
     app.cleanup_ctx.append(upstream_client)
     app.cleanup_ctx.append(_watching_fds)
-    app.cleanup_ctx.append(lambda _: deadlines.run())
+    app.cleanup_ctx.append(lambda _: _ticking(deadlines))
     origins = OriginPolicy.build(settings.allow_origin, settings.allow_host)
     handler = data_plane_handler(proxy, AccessLog(settings, metrics, engine.name, tracing), authenticate,
                                  origins.check if origins.checks_anything else None)
@@ -104,6 +104,12 @@ async def _watching_fds(_: web.Application) -> AsyncIterator[None]:
     watch.cancel()
     with suppress(asyncio.CancelledError):
         await watch
+
+
+async def _ticking(deadlines: Deadlines) -> AsyncIterator[None]:
+    deadlines.start()
+    yield
+    deadlines.stop()
 
 
 def _upstream_client(settings: Settings) -> UpstreamClient:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import importlib.machinery
 import os
+import platform
 import signal
 import sys
 from collections.abc import Sequence
@@ -15,6 +17,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from yarl import URL
 
+from gateway import __version__
 from gateway.admin import Readiness
 from gateway.app import LIMITS, DataPlaneRunner, build_admin_app, build_gateway_app
 from gateway.capacity import raise_fd_limit
@@ -77,7 +80,7 @@ async def serve(settings: Settings, engine: Engine, reuse_port: bool = False,
         readiness.ready = True
         log.info("gateway_started", host=settings.host, port=settings.port,
                  admin_port=settings.admin_port, engine=settings.schedule_type, fd_limit=fd_limit,
-                 upstream_max_connections=connection_budget(settings))
+                 upstream_max_connections=connection_budget(settings), version=__version__, form=build_form())
         if trace_config is not None:
             log.info("tracing_started", endpoint=str(URL(trace_config.endpoint).with_user(None)),
                      service_name=trace_config.service_name, sampler=trace_config.sampler)
@@ -118,12 +121,26 @@ def _event_loop_factory() -> type[asyncio.AbstractEventLoop] | None:
     return uvloop.Loop
 
 
+def build_form() -> str:
+    """Which form of the gateway runs: "compiled" (mypyc, setup.py) or "pure" Python, and how many modules."""
+    modules = [module for name, module in sys.modules.items()
+               if name.startswith("gateway.") and not name.endswith("__mypyc")]  # not mypyc's shared library
+    compiled = sum(1 for module in modules if (getattr(module, "__file__", None) or "").endswith(_EXTENSIONS))
+    return f"compiled: {compiled} of {len(modules)} modules" if compiled else "pure"
+
+
+_EXTENSIONS: Final = tuple(importlib.machinery.EXTENSION_SUFFIXES)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(arg in ("-h", "--help") for arg in argv):
         from gateway.config import build_parser
 
         build_parser().print_help()
+        return 0
+    if "--version" in argv:
+        print(f"mcp-gateway {__version__} ({build_form()}; Python {platform.python_version()})")
         return 0
     try:
         settings = load_settings(argv, os.environ)

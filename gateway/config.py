@@ -266,6 +266,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mcp-gateway", description="Reverse proxy for MCP traffic, routed by header.")
     parser.add_argument("--config", dest="config_path", metavar="PATH",
                         help="TOML file with the same settings (env: GATEWAY_CONFIG)")
+    parser.add_argument("--version", action="store_true",
+                        help="print the version and the form that runs (compiled or pure Python), then exit")
     for option in OPTIONS:
         default = "unset" if option.secret else getattr(_DEFAULTS, option.name)
         env = f"env: {option.env}, " if option.env else ""

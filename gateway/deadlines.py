@@ -8,7 +8,6 @@ and expiry cancels the task the way asyncio.Timeout does, so TimeoutError behave
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from types import TracebackType
 
 
@@ -19,17 +18,21 @@ class Deadlines:
         self.resolution_s = resolution_s
         self._due: dict[IdleTimeout, float] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._ticking: asyncio.Task[None] | None = None
 
     def within(self, seconds: float) -> IdleTimeout:
         """A context (inside a task) raising TimeoutError when it makes no progress for `seconds`."""
         return IdleTimeout(self, seconds)
 
-    async def run(self) -> AsyncIterator[None]:
-        """A cleanup_ctx generator: the tick runs while the application does."""
+    def start(self) -> None:
+        """Start the tick (the app does, on startup): from here on deadlines fire."""
         self._loop = asyncio.get_running_loop()
-        tick = asyncio.create_task(self._tick())
-        yield
-        tick.cancel()
+        self._ticking = asyncio.create_task(self._tick())
+
+    def stop(self) -> None:
+        if self._ticking is not None:
+            self._ticking.cancel()
+            self._ticking = None
 
     def loop(self) -> asyncio.AbstractEventLoop:
         # Cached: asyncio.get_running_loop() makes a getpid() system call each time (fork check).

@@ -155,19 +155,35 @@ class VersionNotSupported(GatewayError):
     closes_connection = True
 
 
-class UpstreamUnreachable(GatewayError):
+class UpstreamFailed(GatewayError):
+    """The upstream failed before any response byte; `kind` labels the metric (metrics.UPSTREAM_ERROR_KINDS).
+
+    Carried here rather than read off __cause__, which compiled code (mypyc) does not set. Raised as one of
+    the three below; its own code only keeps the family's codes unique.
+    """
+
+    status = 502
+    code = "upstream_failed"
+    rpc_code = -32014
+
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class UpstreamUnreachable(UpstreamFailed):
     status = 502
     code = "upstream_unreachable"
     rpc_code = -32014
 
 
-class UpstreamBroken(GatewayError):
+class UpstreamBroken(UpstreamFailed):
     status = 502
     code = "upstream_bad_response"
     rpc_code = -32014
 
 
-class UpstreamTimeout(GatewayError):
+class UpstreamTimeout(UpstreamFailed):
     status = 504
     code = "upstream_timeout"
     rpc_code = -32015
@@ -277,13 +293,14 @@ class UpstreamErrors:
             return  # success, or not the transport's failure (a GatewayError, a cancellation)
         where = authority(self._url)
         if isinstance(exc, TimeoutError):
-            raise UpstreamTimeout(f"upstream {where} did not answer in time") from exc
+            raise UpstreamTimeout(f"upstream {where} did not answer in time", "timeout") from exc
         if isinstance(exc, BadUpstreamResponse):
-            raise UpstreamBroken(f"upstream {where} sent an invalid HTTP response") from exc
+            raise UpstreamBroken(f"upstream {where} sent an invalid HTTP response", "bad_response") from exc
         if isinstance(exc, ConnectionRefusedError):
-            raise UpstreamUnreachable(f"cannot connect to upstream {where}: connection refused") from exc
+            raise UpstreamUnreachable(f"cannot connect to upstream {where}: connection refused",
+                                      "connect_refused") from exc
         if isinstance(exc, socket.gaierror):
-            raise UpstreamUnreachable(f"cannot resolve upstream host {self._url.host}") from exc
+            raise UpstreamUnreachable(f"cannot resolve upstream host {self._url.host}", "dns") from exc
         reason = os.strerror(exc.errno) if exc.errno else str(exc) or exc.__class__.__name__
-        raise UpstreamUnreachable(f"upstream {where} failed: {reason}") from exc
+        raise UpstreamUnreachable(f"upstream {where} failed: {reason}", "unreachable") from exc
 

@@ -27,11 +27,12 @@ INTERNAL_ERROR: Final = "internal_error"
 # Request ids we make up: a random per-process prefix and a counter, unique without a syscall
 # per request (uuid4 reads os.urandom each time).
 _ID_PREFIX: Final = os.urandom(6).hex()
-_ids = itertools.count(1)
+# The counter starts at 8 hex digits, so that ids keep one length (for 4 billion requests) without a format.
+_ids = itertools.count(0x10000000)
 
 
 def new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_ids):08x}"
+    return _ID_PREFIX + hex(next(_ids))[2:]
 
 
 class Exchange:

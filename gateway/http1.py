@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Final, cast
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from multidict import CIMultiDict, CIMultiDictProxy
+from mypy_extensions import mypyc_attr
 from yarl import URL
 
 from gateway.errors import UNASKED_UPGRADE, BadUpstreamResponse, GatewayOverloaded
@@ -55,11 +56,13 @@ _FOREVER: Final = float("inf")
 FD_RESERVE: Final = 64
 
 
-
+# Subclasses of builtin exceptions other than Exception stay Python classes when compiled (mypyc).
+@mypyc_attr(native_class=False)
 class _StaleConnection(ConnectionResetError):
     """A reused connection closed before the upstream sent a byte of the response."""
 
 
+@mypyc_attr(native_class=False)
 class _NothingWritten(_StaleConnection):
     """A reused connection was found closed before a byte of the request was written."""
 
@@ -70,6 +73,9 @@ class _PastTheEnd(Exception):
 
 class UpstreamConnection(asyncio.Protocol):
     """One upstream TCP connection and the exchange in flight on it; httptools calls the on_* methods."""
+
+    # connection_lost deletes the parser (mypyc compiles a `del` of an attribute listed here).
+    __deletable__ = ("_parser",)
 
     def __init__(self, loop: asyncio.AbstractEventLoop, key: PoolKey, pool: Pool[UpstreamConnection]) -> None:
         self.key = key

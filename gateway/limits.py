@@ -92,14 +92,9 @@ class Limits:
         if stream is not None:
             self.streams.discard(stream)
 
-    async def limited(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    def limited(self, chunks: AsyncIterable[bytes], exchange: Exchange) -> AsyncIterator[bytes]:
         """A streamed body, raising BodyTooLarge past --max-body-size: the upstream sees a broken request."""
-        received = 0
-        async for chunk in chunks:
-            received += len(chunk)
-            if received > self.max_body_size:
-                raise BodyTooLarge(f"request body exceeds --max-body-size {self.max_body_size}")
-            yield chunk
+        return LimitedBody(chunks, self.max_body_size, exchange)
 
     async def drain(self, timeout_s: float) -> None:
         """Wait until no request is in flight or timeout_s passed, then end every open SSE stream."""
@@ -112,3 +107,27 @@ class Limits:
                 pass
         for stream in list(self.streams):
             stream.close()
+
+
+class LimitedBody:
+    """A streamed request body on its way upstream: BodyTooLarge past max_bytes, its first bytes kept for
+    the rpc_method label. An iterator object rather than an async generator, which mypyc cannot compile."""
+
+    __slots__ = ("_chunks", "_exchange", "_max_bytes", "_received")
+
+    def __init__(self, chunks: AsyncIterable[bytes], max_bytes: int, exchange: Exchange) -> None:
+        self._chunks = chunks.__aiter__()
+        self._max_bytes = max_bytes
+        self._exchange = exchange
+        self._received = 0
+
+    def __aiter__(self) -> LimitedBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        chunk = await self._chunks.__anext__()
+        self._received += len(chunk)
+        if self._received > self._max_bytes:
+            raise BodyTooLarge(f"request body exceeds --max-body-size {self._max_bytes}")
+        self._exchange.keep_body_chunk(chunk)
+        return chunk

@@ -122,6 +122,16 @@ class AccessLine:
             except RuntimeError:  # no loop (a synchronous caller): write at once
                 self.flush()
 
+    @property
+    def fast(self) -> bool:
+        """Lines go out through the JSON short cut, batched: add_request() takes them rendered."""
+        return self._file is not None
+
+    def add_request(self, line: str, level: str) -> None:
+        """A line rendered as add() would render it (log._request_line), written at the next flush()."""
+        if self._warning if level == "warning" else self._info:
+            self._pending.append(line)
+
     def add(self, level: str, fields: dict[str, Any], timestamp: str | None = None) -> bool:
         """One line; True if it waits for flush() (the JSON short cut), False if it is written already."""
         if self._raw is None:
@@ -175,6 +185,7 @@ class AccessLog:
         self._tracing = tracing
         self._metrics = metrics
         self._engine = engine
+        self._engine_json = json_string(engine)
         self._log_body_bytes = settings.log_bodies
         self._secrets = secret_values(settings)
         self._finished: list[tuple[Request, Exchange, Response | StreamResponse | None]] = []
@@ -234,6 +245,25 @@ class AccessLog:
         elapsed_ms = exchange.elapsed_ms
         self._metrics.observe(method, request.path, status, label, elapsed_ms, exchange, bytes_in, refused_reason,
                               instance_id)
+        level = "warning" if exchange.outcome in (UPSTREAM_ERROR, INTERNAL_ERROR) else "info"
+        trace_id = span_id = ""
+        span = exchange.span
+        if span is not None:
+            span.end(status, method, label, exchange.outcome, error.code if error is not None else "",
+                     exchange.upstream_error, exchange.is_stream, endpoint(request.path), exchange.body_head,
+                     elapsed_ms)
+            trace_id, span_id = span.trace_id, span.span_id
+        else:
+            traceparent = request.headers.get(TRACEPARENT)
+            if traceparent is not None:  # no span of ours: the caller's ids join the line to its trace
+                caller = parse_traceparent(traceparent)
+                if caller is not None:
+                    trace_id, span_id = caller.trace_id, caller.span_id
+        if self._line.fast and not self._log_body_bytes:
+            self._line.add_request(_request_line(
+                timestamp, level, exchange, method, request.path[:_MAX_FIELD_CHARS], status, elapsed_ms, bytes_in,
+                bytes_out, instance_id, label, self._engine_json, trace_id, span_id), level)
+            return
         fields: dict[str, Any] = {
             "request_id": exchange.request_id,
             "method": method,
@@ -255,20 +285,38 @@ class AccessLog:
         if error is not None:
             fields["code"] = error.code
             fields["error"] = error.message
+        if trace_id:
+            fields["trace_id"], fields["span_id"] = trace_id, span_id
         if self._log_body_bytes:
             if exchange.body_head:
                 fields["request_body"] = redact_body(exchange.body_head[:self._log_body_bytes], self._secrets)
             if exchange.response_head is not None and not exchange.is_stream:
                 fields["response_body"] = redact_body(exchange.response_head, self._secrets)
-        span = exchange.span
-        if span is not None:
-            span.end(fields, endpoint(request.path), exchange.body_head, elapsed_ms)
-            fields["trace_id"], fields["span_id"] = span.trace_id, span.span_id
-        else:
-            traceparent = request.headers.get(TRACEPARENT)
-            if traceparent is not None:  # no span of ours: the caller's ids join the line to its trace
-                caller = parse_traceparent(traceparent)
-                if caller is not None:
-                    fields["trace_id"], fields["span_id"] = caller.trace_id, caller.span_id
-        self._line.add("warning" if exchange.outcome in (UPSTREAM_ERROR, INTERNAL_ERROR) else "info", fields,
-                       timestamp)
+        self._line.add(level, fields, timestamp)
+
+
+_OPEN: Final = "{"
+_CLOSE: Final = "}"
+
+
+def _request_line(timestamp: str, level: str, exchange: Exchange, method: str, path: str, status: int,
+                  elapsed_ms: float, bytes_in: int, bytes_out: int, instance_id: str, rpc_method: str,
+                  engine_json: str, trace_id: str = "", span_id: str = "") -> str:
+    """The access line as AccessLine.add writes it from the fields dict, member for member, in one string:
+    a fifth of the cost of building the dict and joining its members (docs/performance.md)."""
+    tail = ',"stream":true' if exchange.is_stream else ""
+    if exchange.upstream_error:
+        tail += f',"upstream_error":{json_string(exchange.upstream_error)}'
+    error = exchange.error
+    if error is not None:
+        tail += f',"code":{json_string(error.code)},"error":{json_string(error.message)}'
+    if trace_id:  # lowercase hex, checked by tracing.parse_traceparent or made by the gateway: nothing to escape
+        tail += f',"trace_id":"{trace_id}","span_id":"{span_id}"'
+    latency_ms = repr(round(elapsed_ms, 3))  # as json.dumps writes a float
+    # No {{ in these f-strings: mypyc compiles one with an escaped brace into a str.format() call per field.
+    return (f'{_OPEN}"timestamp":"{timestamp}","level":"{level}","event":"request",'
+            f'"request_id":{json_string(exchange.request_id)},"method":{json_string(method)},'
+            f'"path":{json_string(path)},"status":{status},"latency_ms":{latency_ms},'
+            f'"bytes_in":{bytes_in},"bytes_out":{bytes_out},"instance_id":{json_string(instance_id)},'
+            f'"target":{json_string(exchange.target)},"rpc_method":{json_string(rpc_method)},"engine":{engine_json},'
+            f'"outcome":{json_string(exchange.outcome)}{tail}{_CLOSE}\n')

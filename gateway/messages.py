@@ -76,23 +76,28 @@ class RequestBody:
             parts.append(chunk)
         return b"".join(parts)
 
-    async def chunks(self) -> AsyncIterator[bytes]:
+    def chunks(self) -> AsyncIterator[bytes]:
         """Each batch of body bytes as it arrives; raises ConnectionResetError if the client leaves mid-body,
         BadRequest if what it sends is not a valid body."""
+        return self  # an iterator object, not an async generator: mypyc compiles those (docs/performance.md)
+
+    def __aiter__(self) -> RequestBody:
+        return self
+
+    async def __anext__(self) -> bytes:
         while True:
             if self._chunks:
-                yield self.arrived()
-            elif self._error is not None:
+                return self.arrived()
+            if self._error is not None:
                 raise self._error
-            elif self.complete:
-                return
-            else:
-                assert self._connection is not None
-                self._waiter = self._connection.loop.create_future()
-                try:
-                    await self._waiter
-                finally:
-                    self._waiter = None
+            if self.complete:
+                raise StopAsyncIteration
+            assert self._connection is not None
+            self._waiter = self._connection.loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
 
     def _taken(self) -> None:
         self._buffered = 0

@@ -13,7 +13,6 @@ Several worker processes share one view through prometheus_client's multiprocess
 from __future__ import annotations
 
 import os
-import socket
 from bisect import bisect_left
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
@@ -27,15 +26,7 @@ from prometheus_client import values as prometheus_values
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from gateway.capacity import SYNC_EVERY_S, CapacityMetrics
-from gateway.errors import (
-    BadUpstreamResponse,
-    ConfigError,
-    GatewayError,
-    TargetForbidden,
-    UpstreamBroken,
-    UpstreamTimeout,
-    UpstreamUnreachable,
-)
+from gateway.errors import ConfigError, GatewayError, TargetForbidden, UpstreamFailed
 from gateway.exchange import Exchange
 
 # The reference system's buckets: 1, 2, 4, ... 2^19 ms (about 8.7 minutes).
@@ -287,20 +278,8 @@ METRICS: Final = web.AppKey("metrics", Metrics)
 EXPOSITION_CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
 
 
-_UPSTREAM_CODES: Final = frozenset({UpstreamUnreachable.code, UpstreamBroken.code, UpstreamTimeout.code})
-
-
 def upstream_error_kind(error: GatewayError) -> str:
     """The `kind` of an error answered before any response byte, or "" if the upstream is not to blame."""
-    if error.code not in _UPSTREAM_CODES:
-        return "policy" if error.code == TargetForbidden.code else ""  # not Origin or Host: no target involved
-    cause = error.__cause__
-    if isinstance(cause, TimeoutError):
-        return "timeout"
-    if isinstance(cause, BadUpstreamResponse):
-        return "bad_response"
-    if isinstance(cause, ConnectionRefusedError):
-        return "connect_refused"
-    if isinstance(cause, socket.gaierror):
-        return "dns"
-    return "unreachable"
+    if isinstance(error, UpstreamFailed):
+        return error.kind
+    return "policy" if error.code == TargetForbidden.code else ""  # not Origin or Host: no target involved

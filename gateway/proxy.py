@@ -7,7 +7,6 @@ upstream only through the UpstreamClient interface (upstream does).
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -52,7 +51,7 @@ class Proxy:
             return json_response({"status": "ok", "engine": engine.name})
 
         target = engine.resolve(request.headers, request.raw_path)
-        exchange.target = authority(target.url)
+        exchange.target = target.authority or authority(target.url)
         self.limits.admit(exchange, target)  # 429 over --max-inflight-per-target
         upstream_headers = upstream_request_headers(request.headers, target.added_headers)
         upstream_headers[REQUEST_ID] = exchange.request_id
@@ -88,7 +87,7 @@ class Proxy:
             # A small body usually arrived with the head: taken as is.
             body = exchange.body_head = content.arrived() if content.complete else await content.read()
             return body
-        return _stream(self.limits.limited(content.chunks()), exchange)  # 413 past --max-body-size
+        return self.limits.limited(content.chunks(), exchange)  # 413 past --max-body-size
 
     async def _relay_response(
         self, request: Request, exchange: Exchange, upstream_response: UpstreamResponse
@@ -130,12 +129,6 @@ class Proxy:
 
 def _is_routed(request: Request, engine: Engine) -> bool:
     return any(name in request.headers for name in engine.routing_headers)
-
-
-async def _stream(chunks: AsyncIterable[bytes], exchange: Exchange) -> AsyncIterator[bytes]:
-    async for chunk in chunks:
-        exchange.keep_body_chunk(chunk)
-        yield chunk
 
 
 async def _pump_body(

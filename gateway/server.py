@@ -58,7 +58,7 @@ MAX_PIPELINED: Final = 16
 # A head is refused outright (431) past the --max-header-size check plus this margin, before it is parsed whole.
 HEAD_MARGIN_BYTES: Final = 64 * 1024
 # A connection with no request in flight is closed after this long (aiohttp's keepalive_timeout); a
-# head that takes longer to arrive is cut too.
+# head that takes longer to arrive is cut too. Server(idle_timeout_s=) sets another.
 IDLE_TIMEOUT_S: Final = 75.0
 # After a reply to a request that was not read whole (a refusal, a body left unread), what the client
 # still sends is dropped for up to this long before the connection closes (_linger_close).
@@ -75,6 +75,9 @@ class ClientConnection(asyncio.Protocol):
 
     It is the messages' Connection (gateway/messages.py): requests carry it, replies write through it.
     """
+
+    # connection_lost deletes the parser (mypyc compiles a `del` of an attribute listed here).
+    __deletable__ = ("_parser",)
 
     def __init__(self, server: Server) -> None:
         self.server = server
@@ -400,6 +403,7 @@ class ClientConnection(asyncio.Protocol):
         if not self._reading_paused and self._transport is not None:
             self._reading_paused = True
             self._transport.pause_reading()
+            self.server.read_pauses += 1
 
     def _resume_reading(self) -> None:
         if self._reading_paused and self._transport is not None:
@@ -481,9 +485,11 @@ def _parser_message(exc: HttpParserError) -> str:
 class Server:
     """The protocol factory a BaseRunner's sites listen with (aiohttp's web.Server's part)."""
 
-    def __init__(self, handler: Handler, max_head_bytes: int) -> None:
+    def __init__(self, handler: Handler, max_head_bytes: int, idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
         self.handler = handler
         self.max_head_bytes = max_head_bytes
+        self.idle_timeout_s = idle_timeout_s
+        self.read_pauses = 0  # how often back-pressure paused reading from a client (a test reads it)
         self.connections: set[ClientConnection] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._second = 0
@@ -502,17 +508,17 @@ class Server:
     def connected(self, connection: ClientConnection) -> None:
         self.connections.add(connection)
         if self._sweeper is None:
-            self._sweeper = self.loop.call_later(IDLE_TIMEOUT_S / 5, self._sweep)
+            self._sweeper = self.loop.call_later(self.idle_timeout_s / 5, self._sweep)
 
     def _sweep(self) -> None:
-        """Close connections idle for IDLE_TIMEOUT_S: one timer for all, not one per request."""
+        """Close connections idle for idle_timeout_s: one timer for all, not one per request."""
         self._sweeper = None
-        oldest = self.loop.time() - IDLE_TIMEOUT_S
+        oldest = self.loop.time() - self.idle_timeout_s
         for connection in list(self.connections):
             if connection.idle_since < oldest and connection.idle:
                 connection.close()
         if self.connections:
-            self._sweeper = self.loop.call_later(IDLE_TIMEOUT_S / 5, self._sweep)
+            self._sweeper = self.loop.call_later(self.idle_timeout_s / 5, self._sweep)
 
     def date(self) -> str:
         """The Date header's value (RFC 9110 §6.6.1), formatted once a second."""

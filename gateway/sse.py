@@ -44,26 +44,11 @@ async def relay(
         tail = b"\n\n"  # the last bytes written, to know whether we are between events (at the start: yes)
         while not stream.closing:
             try:
-                if keepalive_s:
-                    async with asyncio.timeout(keepalive_s) as stream.timer:
-                        chunk = await upstream_response.read_chunk()
-                else:  # no timer per read (each would cost a timer handle and a getpid()): the drain cancels
-                    stream.reader = task
-                    chunk = await upstream_response.read_chunk()
-            except TimeoutError:
+                chunk = await _next_chunk(upstream_response, exchange, stream, task, keepalive_s)
+            except TimeoutError:  # keepalive_s without a byte
                 if not stream.closing and tail.endswith(_EVENT_ENDS):
                     await downstream_response.write(KEEPALIVE)
                 continue
-            except asyncio.CancelledError:
-                if stream.interrupted(task):
-                    break  # the drain's: end the stream cleanly below
-                raise
-            except OSError:
-                exchange.upstream_failed("reset_mid_stream")  # the access log line records it
-                break
-            finally:
-                stream.timer = None
-                stream.reader = None
             if not chunk:
                 break
             exchange.bytes_out += len(chunk)
@@ -77,6 +62,32 @@ async def relay(
         # A cancellation's traceback keeps this frame: without the task in it, no reference cycle
         # (task, exception, traceback, frame, task) waits for the garbage collector.
         task = None
+
+
+async def _next_chunk(upstream_response: UpstreamResponse, exchange: Exchange, stream: OpenStream,
+                      task: asyncio.Task[Any] | None, keepalive_s: float) -> bytes:
+    """The next bytes; b"" at the end, the upstream's, the drain's or a reset's; TimeoutError after
+    keepalive_s without any. (Its own function: mypyc compiles no break or continue across a finally.)"""
+    try:
+        if keepalive_s:
+            async with asyncio.timeout(keepalive_s) as stream.timer:
+                return await upstream_response.read_chunk()
+        # no timer per read (each would cost a timer handle and a getpid()): the drain cancels
+        stream.reader = task
+        return await upstream_response.read_chunk()
+    except TimeoutError:  # an OSError too: the keepalive's, for the caller
+        raise
+    except asyncio.CancelledError:
+        if task is not None and stream.interrupted(task):
+            return b""  # the drain's: the stream ends cleanly
+        raise
+    except OSError:
+        exchange.upstream_failed("reset_mid_stream")  # the access log line records it
+        return b""
+    finally:
+        stream.timer = None
+        stream.reader = None
+        task = None  # no reference cycle through this frame (relay() says why)
 
 
 async def _piped(upstream_response: UpstreamResponse, downstream_response: StreamResponse, exchange: Exchange,

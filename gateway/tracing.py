@@ -383,8 +383,9 @@ class RequestSpan:
             span.add_event("upstream connected", {"aenv.connection.reused": True}, self.forwarded_ns)
         span.add_event("first response byte", None, now)
 
-    def end(self, fields: Mapping[str, Any], endpoint: str, body: bytes | bytearray, elapsed_ms: float) -> None:
-        """The request finished (a stream: when it ended): the access line's fields become attributes.
+    def end(self, status: int, method: str, rpc_method: str, outcome: str, error_code: str, upstream_error: str,
+            is_stream: bool, endpoint: str, body: bytes | bytearray, elapsed_ms: float) -> None:
+        """The request finished (a stream: when it ended): what its access line says becomes attributes.
 
         body: the request body, or its first bytes, for the JSON-RPC id of a single request.
         """
@@ -392,12 +393,10 @@ class RequestSpan:
         if span is None:
             return
         end_ns = self.start_ns + int(elapsed_ms * 1e6)
-        status: int = fields["status"]
-        rpc_method: str = fields["rpc_method"]
         attributes: dict[str, Any] = {
             "http.response.status_code": status,
             "aenv.endpoint": endpoint,
-            "aenv.outcome": fields["outcome"],
+            "aenv.outcome": outcome,
         }
         target = self.target
         if target is not None:  # the upstream: the gateway has one span, so its server.* name the target
@@ -407,20 +406,18 @@ class RequestSpan:
             attributes["mcp.method.name"] = rpc_method
             span.update_name(rpc_method)
         else:
-            span.update_name(f"{fields['method']} {endpoint}")
+            span.update_name(f"{method} {endpoint}")
         if rpc_method and rpc_method != "batch" and len(body) < PEEK_BYTES:  # a large body is not whole
             requests = rpc_requests(body)
             if requests is not None:
                 attributes["jsonrpc.request.id"] = str(requests.ids[0])[:_MAX_ATTRIBUTE_CHARS]
-        if fields.get("stream"):
+        if is_stream:
             attributes["aenv.stream"] = True
-        upstream_error = fields.get("upstream_error")
         if upstream_error:
             attributes["aenv.upstream_error"] = upstream_error
-        code = fields.get("code")
-        if code:
-            attributes["aenv.error_code"] = code
-            attributes["error.type"] = code
+        if error_code:
+            attributes["aenv.error_code"] = error_code
+            attributes["error.type"] = error_code
         elif status >= 500:
             attributes["error.type"] = str(status)
         span.set_attributes(attributes)

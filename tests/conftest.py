@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Final
 
 import pytest
@@ -21,6 +22,22 @@ from gateway.config import Settings
 UPSTREAM_CLIENTS = ("lean", "aiohttp")
 _SOCKET_FIXTURES = frozenset({"aiohttp_client", "aiohttp_server", "upstream"})
 _current_upstream_client = ["lean"]
+
+
+def pytest_report_header() -> str:
+    """Which form of the gateway the suite runs on: `make test` the pure one, `make test-compiled` the other."""
+    from gateway.cli import build_form
+
+    return f"gateway: {build_form()}"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Refuse to test compiled modules older than their source: the .py edited since would not be what runs."""
+    stale = [str(source) for source in Path("gateway").rglob("*.py")
+             if any(compiled.stat().st_mtime < source.stat().st_mtime
+                    for compiled in source.parent.glob(f"{source.stem}.*.so"))]
+    if stale:
+        pytest.exit(f"compiled modules older than {', '.join(stale)}: run make compile (or make pure)", returncode=2)
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:

@@ -23,9 +23,10 @@ from yarl import URL
 from gateway.admin import Readiness
 from gateway.app import build_admin_app, build_gateway_app
 from gateway.config import Settings
+from gateway.errors import Unauthorized
 from gateway.exchange import Exchange
 from gateway.headers import ENV_INSTANCE_ID, MCP_PROXY_URL, REQUEST_ID
-from gateway.log import AccessLine, configure_logging
+from gateway.log import AccessLine, _request_line, configure_logging
 from gateway.metrics import MAX_SANDBOX_LABELS, UPSTREAM_ERROR_KINDS, Metrics
 from tests.conftest import Upstream, gateway_settings
 
@@ -459,6 +460,43 @@ def test_the_access_line_short_cut_writes_what_structlog_would(log_stream: io.St
     short_cut, through_structlog = log_lines(log_stream)
     assert short_cut.pop("timestamp")[:11] == through_structlog.pop("timestamp")[:11]
     assert short_cut == through_structlog == {"event": "request", "level": "warning", **fields}
+
+
+texts = st.text(max_size=40)
+
+
+@given(request_id=texts, path=texts, instance_id=texts, target=texts, message=texts,
+       status=st.integers(100, 599), elapsed_ms=st.floats(0, 1e7), bytes_in=st.integers(0, 2**40),
+       bytes_out=st.integers(0, 2**40), is_stream=st.booleans(), upstream_error=st.sampled_from(("", "timeout")),
+       refused=st.booleans())
+def test_the_rendered_request_line_is_the_one_the_fields_would_make(
+    request_id: str, path: str, instance_id: str, target: str, message: str, status: int, elapsed_ms: float,
+    bytes_in: int, bytes_out: int, is_stream: bool, upstream_error: str, refused: bool,
+) -> None:
+    exchange = Exchange(request_id)
+    exchange.target, exchange.is_stream, exchange.upstream_error = target, is_stream, upstream_error
+    exchange.error = Unauthorized(message) if refused else None
+    fields: dict[str, Any] = {
+        "request_id": request_id, "method": "POST", "path": path, "status": status,
+        "latency_ms": round(elapsed_ms, 3), "bytes_in": bytes_in, "bytes_out": bytes_out,
+        "instance_id": instance_id, "target": target, "rpc_method": "tools/call", "engine": "k8s", "outcome": "ok",
+    }
+    if is_stream:
+        fields["stream"] = True
+    if upstream_error:
+        fields["upstream_error"] = upstream_error
+    if refused:
+        fields["code"], fields["error"] = "unauthorized", message
+    stream = io.StringIO()
+    configure_logging("json", stream=stream, cache=False)
+    line = AccessLine()
+    line.add("info", fields, "2026-12-01T00:00:00.000001Z")
+    line.add_request(_request_line("2026-12-01T00:00:00.000001Z", "info", exchange, "POST", path, status, elapsed_ms,
+                                   bytes_in, bytes_out, instance_id, "tools/call", json.dumps("k8s")), "info")
+    line.flush()
+
+    from_fields, rendered = stream.getvalue().splitlines()
+    assert rendered == from_fields
 
 
 async def test_a_caller_leaving_before_the_upstream_answers_is_logged_as_499_client_closed(

@@ -201,18 +201,11 @@ async def test_chunked_body_with_extensions_and_trailers_reaches_the_upstream_an
 
 
 async def test_a_few_megabytes_to_a_slow_reader_arrive_whole(
-    gateway: Gateway, aiohttp_server: AiohttpServer, monkeypatch: pytest.MonkeyPatch
+    gateway: Gateway, aiohttp_server: AiohttpServer
 ) -> None:
     payload = os.urandom(4 * 1024 * 1024)
     got: list[tuple[int, str]] = []
-    pauses: list[int] = []
-    pause = server_module.ClientConnection._pause_reading
-
-    def counted_pause(connection: server_module.ClientConnection) -> None:
-        pauses.append(1)
-        pause(connection)
-
-    monkeypatch.setattr(server_module.ClientConnection, "_pause_reading", counted_pause)
+    data_plane = gateway.app[DATA_PLANE]
 
     async def slow_reader(request: web.Request) -> web.Response:
         digest, total = hashlib.sha256(), 0
@@ -239,7 +232,7 @@ async def test_a_few_megabytes_to_a_slow_reader_arrive_whole(
             assert (response.status, response.body) == (200, b"read")
 
     assert got == [(len(payload), hashlib.sha256(payload).hexdigest())] * 2
-    assert pauses  # the read-ahead filled up: reading paused and resumed
+    assert data_plane.read_pauses  # the read-ahead filled up: reading paused and resumed
     await settled(gateway)
 
 
@@ -786,9 +779,9 @@ async def test_http10_keep_alive_with_a_streamed_reply_is_close_delimited(
 
 
 async def test_idle_and_half_sent_heads_are_closed_after_the_idle_timeout(
-    gateway: Gateway, echo: EchoUpstream, aiohttp_server: AiohttpServer, monkeypatch: pytest.MonkeyPatch
+    gateway: Gateway, echo: EchoUpstream, aiohttp_server: AiohttpServer
 ) -> None:
-    monkeypatch.setattr(server_module, "IDLE_TIMEOUT_S", 0.25)
+    gateway.app[DATA_PLANE].idle_timeout_s = 0.25  # before the first connection starts the sweep
 
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(0.6)

@@ -9,9 +9,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar, Final
+from typing import TYPE_CHECKING, Final
 from urllib.parse import unquote
 
+from mypy_extensions import mypyc_attr
 from yarl import URL
 
 from gateway.engines.base import Target
@@ -36,6 +37,7 @@ REJECT_MESSAGE: Final = (
 )
 
 
+@mypyc_attr(native_class=False)  # a str subclass stays a Python class when compiled
 class ApiKey(str):
     """The Arca API key: a str whose repr never shows it, so a logged Target or header list stays safe."""
 
@@ -51,8 +53,8 @@ class ArcaEngine:
 
     base_url: URL
     api_key: ApiKey = field(repr=False)  # keeps the key out of reprs and logs
-    name: ClassVar[str] = "arca"
-    routing_headers: ClassVar[tuple[str, ...]] = ROUTING_HEADERS
+    name: str = "arca"
+    routing_headers: tuple[str, ...] = ROUTING_HEADERS
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ArcaEngine | ArcaRejectEngine:
@@ -80,8 +82,8 @@ class ArcaEngine:
 class ArcaRejectEngine:
     """Answers all sandbox traffic 501, forwarding nothing, as the reference gateway's final state does."""
 
-    name: ClassVar[str] = "arca"
-    routing_headers: ClassVar[tuple[str, ...]] = ROUTING_HEADERS
+    name: str = "arca"
+    routing_headers: tuple[str, ...] = ROUTING_HEADERS
 
     def resolve(self, headers: Mapping[str, str], raw_path_qs: str) -> Target:
         raise DataPlaneUnsupported(REJECT_MESSAGE)

@@ -19,6 +19,7 @@ class Target:
 
     url: URL
     added_headers: tuple[tuple[str, str], ...] = ()
+    authority: str = ""  # host:port of url when the engine worked it out (errors.authority), for the log line
 
 
 class Engine(Protocol):
