@@ -178,7 +178,6 @@ async def test_sampling_is_decided_before_the_sdk_and_a_dropped_span_still_propa
         assert config is not None
         return Tracing(config, "k8s")
 
-    fields = {"status": 200, "rpc_method": "", "outcome": "ok", "method": "POST"}
     unsampled = f"00-{CALLER_TRACE}-{CALLER_SPAN}-00"
     never = tracing("parentbased_traceidratio", "0")  # roots never; a caller's flag decides
     always = tracing("traceidratio", "1")  # every trace, whatever the caller's flag
@@ -191,7 +190,7 @@ async def test_sampling_is_decided_before_the_sdk_and_a_dropped_span_still_propa
         span = tracer.start(_request(*headers))
         forwarded: CIMultiDict[str] = CIMultiDict(headers)
         span.forwarding(forwarded, URL("http://127.0.0.1:9000/mcp"))
-        span.end(fields, "/mcp", b"", 1.0)
+        span.end(200, "POST", "", "ok", "", "", False, "/mcp", b"", 1.0)
         spans.append((span, forwarded))
         if span.span is not None:
             kept.append(span)
