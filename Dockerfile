@@ -8,11 +8,12 @@ COPY pyproject.toml setup.py README.md ./
 COPY gateway ./gateway
 # mypyc checks the modules' types against the pinned dependencies: those and mypy first, then the build,
 # which fails rather than fall back to pure Python (AENV_GATEWAY_COMPILE=1). The first is the project itself,
-# its versions pinned in pyproject.toml (DL3013), and a layer of its own (DL3059).
+# its versions pinned in pyproject.toml (DL3013), and a layer of its own (DL3059). With the otel extra:
+# OTEL_TRACES_EXPORTER=otlp and an endpoint switch tracing on (docs/observability.md).
 # hadolint ignore=DL3013,DL3059
-RUN pip install --no-cache-dir '.[compile]'
-# hadolint ignore=DL3059
-RUN AENV_GATEWAY_COMPILE=1 pip install --no-cache-dir --no-build-isolation --ignore-installed --prefix=/install .
+RUN pip install --no-cache-dir '.[compile,otel]'
+# hadolint ignore=DL3059,DL3013
+RUN AENV_GATEWAY_COMPILE=1 pip install --no-cache-dir --no-build-isolation --ignore-installed --prefix=/install '.[otel]'
 
 FROM python:3.11-slim
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin gateway

@@ -5,14 +5,16 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/python -m pip --disable-pip-version-check --quiet
 
 .PHONY: run test test-compiled compile pure install install-test install-compile install-js install-examples example \
-	lint bench bench-anchor bench-fleet bench-idle-sse conformance clean
+	lint bench bench-anchor bench-fleet bench-idle-sse bench-tracing check-dashboard conformance clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 # The editable install is the pure-Python form; `make compile` builds the compiled one in place (setup.py).
+# With the otel extra, so that the OTEL_* variables switch tracing on for `make run` (docs/observability.md);
+# a plain `pip install .` has no tracing, and with tracing off nothing of OpenTelemetry is imported.
 $(VENV)/.installed: pyproject.toml setup.py | $(BIN)/python
-	AENV_GATEWAY_COMPILE=0 $(PIP) install -e .
+	AENV_GATEWAY_COMPILE=0 $(PIP) install -e '.[otel]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
@@ -112,6 +114,17 @@ bench-fleet: install
 # RSS growth per idle SSE stream, up to 10,000 streams opened and closed by the script (STREAMS=...).
 bench-idle-sse: install
 	$(BIN)/python bench/idle_sse.py $(if $(STREAMS),--streams $(STREAMS)) $(if $(ROUNDS),--rounds $(ROUNDS))
+
+# Gateway CPU per request with tracing off, on (always_on, exported), sampled at 1%, and without the extra;
+# alternated rounds, ~2 minutes (CALLGRIND=1: instruction counts under valgrind instead, ~15 minutes).
+bench-tracing: install
+	$(BIN)/python bench/tracing_cost.py $(if $(CALLGRIND),--callgrind)
+
+# The Grafana dashboard and the alerting rules against a real Prometheus scraping a gateway under real
+# traffic (tests/check_dashboard.py, ~20 s). Needs Debian's prometheus package: installed with apt-get
+# when missing and run as root, else it says so and fails.
+check-dashboard: install-test
+	$(BIN)/python -m tests.check_dashboard
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache gateway/*.so gateway/*/*.so

@@ -19,8 +19,10 @@ from pathlib import Path
 from setuptools import Extension, setup
 
 # Startup, wiring and the admin side: run once or off the request path, and free to use what mypyc cannot.
+# tracing and trace_ids: glue around the OpenTelemetry SDK (itself pure Python, an optional extra that the build
+# environment may not have), and trace_ids subclasses one of its classes; only run when tracing is on.
 PURE_MODULES = {"__init__", "__main__", "admin", "app", "cli", "config", "configuration", "handshake", "reload",
-                "supervisor", "tls"}
+                "supervisor", "tls", "trace_ids", "tracing"}
 
 
 def compiled_sources() -> list[str]:

@@ -29,6 +29,7 @@ from gateway.metrics import METRICS, Metrics
 from gateway.policy import TargetPolicy
 from gateway.proxy import Proxy
 from gateway.server import Server
+from gateway.tracing import Tracing
 from gateway.upstream import AiohttpClient, UpstreamClient
 from gateway.via import new_mark
 
@@ -48,20 +49,22 @@ class DataPlane:
     limits: Limits
     deadlines: Deadlines
     metrics: Metrics
+    tracing: Tracing | None = None  # the spans of requests, when tracing is on (tracing.py); kept across reloads
     tls: ServingContext | None = None  # what the proxy port listens with when it speaks TLS
 
     def serve_with(self, configuration: Configuration) -> None:
         """The next request is handled with this configuration's tokens, Origin and Host rules, log settings."""
-        self.server.handler = _handler(self.proxy, self.metrics, configuration)
+        self.server.handler = _handler(self.proxy, self.metrics, configuration, self.tracing)
 
 
-def _handler(proxy: Proxy, metrics: Metrics, configuration: Configuration) -> DataPlaneHandler:
+def _handler(proxy: Proxy, metrics: Metrics, configuration: Configuration, tracing: Tracing | None
+             ) -> DataPlaneHandler:
     settings, engine = configuration.settings, configuration.engine
     authenticate = None
     if configuration.tokens:
         authenticate = bearer_auth(configuration.tokens, engine.routing_headers, settings.forward_authorization)
     origins = configuration.origins
-    return data_plane_handler(proxy, AccessLog(settings, metrics, engine.name), authenticate,
+    return data_plane_handler(proxy, AccessLog(settings, metrics, engine.name, tracing), authenticate,
                               origins.check if origins.checks_anything else None)
 
 
@@ -70,7 +73,7 @@ PARTS: Final = web.AppKey("parts", DataPlane)
 
 def build_gateway_app(
     settings: Settings, engine: Engine | None = None, metrics: Metrics | None = None,
-    configuration: Configuration | None = None,
+    configuration: Configuration | None = None, tracing: Tracing | None = None,
 ) -> web.Application:
     if configuration is None:
         configuration = build_configuration(settings)
@@ -97,8 +100,8 @@ def build_gateway_app(
     app.cleanup_ctx.append(upstream_client)
     app.cleanup_ctx.append(_watching_fds)
     app.cleanup_ctx.append(lambda _: _ticking(deadlines))
-    server = Server(_handler(proxy, metrics, configuration), max_head_bytes=settings.max_header_size)
-    parts = DataPlane(server, proxy, limits, deadlines, metrics)
+    server = Server(_handler(proxy, metrics, configuration, tracing), max_head_bytes=settings.max_header_size)
+    parts = DataPlane(server, proxy, limits, deadlines, metrics, tracing)
     if configuration.tls is not None:
         parts.tls = ServingContext(configuration.tls, HandshakeFailures(metrics.operations.tls_handshake_failures))
     app[DATA_PLANE] = server

@@ -16,6 +16,7 @@ from typing import Final
 import structlog
 from aiohttp import web
 from prometheus_client import CollectorRegistry
+from yarl import URL
 
 from gateway import __version__
 from gateway.admin import Readiness
@@ -31,6 +32,7 @@ from gateway.log import configure_logging, shown_settings
 from gateway.metrics import Metrics, use_multiprocess_dir
 from gateway.reload import Reloader
 from gateway.supervisor import SUPERVISOR_PID_ENV, supervise
+from gateway.tracing import Tracing, TracingConfig, tracing_config
 
 log = structlog.get_logger(__name__)
 
@@ -54,17 +56,19 @@ def settle_garbage_collector() -> None:
 
 async def serve(settings: Settings, engine: Engine, reuse_port: bool = False,
                 configuration: Configuration | None = None, argv: Sequence[str] | None = None,
-                environ: Mapping[str, str] | None = None) -> None:
+                environ: Mapping[str, str] | None = None, trace_config: TracingConfig | None = None) -> None:
     """Serve the proxy and admin ports until SIGTERM or SIGINT, then drain (docs/security.md).
 
     reuse_port when a supervisor runs several workers on the same ports (docs/scaling.md). With the
     argv and environment it started with, SIGHUP and changed files reload the configuration (reload.py).
+    trace_config: tracing is on; the span exporter of this process starts here (docs/observability.md).
     """
     fd_limit = raise_fd_limit()  # before the pool sizes its budget from it
     readiness = Readiness()
     metrics = Metrics.build(CollectorRegistry(), settings.metrics_multiproc_dir)
     configuration = configuration or dataclasses.replace(build_configuration(settings), engine=engine)
-    gateway_app = build_gateway_app(settings, metrics=metrics, configuration=configuration)
+    tracing = Tracing(trace_config, engine.name) if trace_config is not None else None
+    gateway_app = build_gateway_app(settings, metrics=metrics, configuration=configuration, tracing=tracing)
     reloader = None
     if argv is not None:
         reloader = Reloader(argv, environ or {}, configuration, gateway_app[PARTS], metrics.operations)
@@ -92,8 +96,12 @@ async def serve(settings: Settings, engine: Engine, reuse_port: bool = False,
                  admin_port=settings.admin_port, engine=settings.schedule_type, fd_limit=fd_limit,
                  upstream_max_connections=connection_budget(settings), tls=configuration.tls is not None,
                  client_certificates=settings.tls_client_ca is not None, version=__version__, form=build_form())
+        if trace_config is not None:
+            log.info("tracing_started", endpoint=str(URL(trace_config.endpoint).with_user(None)),
+                     service_name=trace_config.service_name, sampler=trace_config.sampler)
         await signalled.wait()
         readiness.ready = False
+        metrics.draining.set(1)  # still scraped: the admin port serves until the drain is over
         if watch is not None:
             watch.cancel()
         running = reloader.configuration.settings if reloader is not None else settings
@@ -103,6 +111,9 @@ async def serve(settings: Settings, engine: Engine, reuse_port: bool = False,
         await gateway_runner.cleanup()
         await admin_runner.cleanup()
         metrics.retire()
+        if tracing is not None:
+            await asyncio.sleep(0)  # the last requests' spans end in the access log's next pass
+            tracing.shutdown()
 
 
 async def _drain(limits: Limits, timeout_s: float, signalled: asyncio.Event) -> None:
@@ -165,6 +176,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         configuration = load_configuration(argv, os.environ)
         settings = configuration.settings
+        trace_config = tracing_config(settings, os.environ)
         if settings.metrics_multiproc_dir:
             use_multiprocess_dir(settings.metrics_multiproc_dir, os.environ)
     except ConfigError as exc:
@@ -184,7 +196,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return supervise(settings, argv, os.environ)
         with asyncio.Runner(loop_factory=_event_loop_factory()) as runner:
             runner.run(serve(settings, configuration.engine, reuse_port=SUPERVISOR_PID_ENV in os.environ,
-                             configuration=configuration, argv=argv, environ=dict(os.environ)))
+                             configuration=configuration, argv=argv, environ=dict(os.environ),
+                             trace_config=trace_config))
     except OSError as exc:  # a port already in use, an address we cannot bind
         print(f"mcp-gateway: error: cannot listen: {exc.strerror or exc}", file=sys.stderr)
         return 2

@@ -24,6 +24,10 @@ from gateway.rules import Rule
 # What --schedule-type accepts. Named here, not read from engines.ENGINES, so that config imports no
 # engine (the engines import Settings); that table has one entry for each (tests/test_config.py checks).
 ENGINE_NAMES: Final = ("arca", "faas", "k8s", "standard")
+# OTEL_TRACES_SAMPLER's values that the gateway honours (those of the SDK environment spec, less the
+# remote ones); named here for --trace-sampler, used by tracing.py.
+TRACE_SAMPLERS: Final = ("always_on", "always_off", "traceidratio",
+                         "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +70,11 @@ class Settings:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     watch_interval_s: float = 5.0
+    # Over the OTEL_* variables they name; "" leaves the variable's say (tracing.py reads them).
+    trace_exporter: str = ""
+    trace_endpoint: str = ""
+    trace_sampler: str = ""
+    trace_sampler_arg: str = ""
     config_path: str | None = None
 
 
@@ -148,6 +157,12 @@ def _choice(*allowed: str) -> Callable[[str], str]:
 def _api_key(raw: str) -> str:
     if not raw or not all("!" <= char <= "~" for char in raw):
         raise ValueError("must be printable ASCII without spaces")
+    return raw
+
+
+def _ratio(raw: str) -> str:
+    if not 0.0 <= float(raw) <= 1.0:
+        raise ValueError("must be a ratio from 0 to 1")
     return raw
 
 
@@ -242,6 +257,14 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("watch_interval_s", "GATEWAY_WATCH_INTERVAL", _non_negative_float,
            "seconds between checks of the files the configuration reads (--config, token, key, TLS files); "
            "a change reloads, as SIGHUP does; 0 = off"),
+    # The OTEL_* variables are read by tracing.py; these flags (and TOML keys) take precedence over them.
+    Option("trace_exporter", None, _choice("otlp", "none"),
+           "otlp: export a span per request over OTLP/HTTP (over OTEL_TRACES_EXPORTER; needs the otel extra)"),
+    Option("trace_endpoint", None, _http_url,
+           "OTLP/HTTP base URL; spans go to its /v1/traces (over OTEL_EXPORTER_OTLP_ENDPOINT)"),
+    Option("trace_sampler", None, _choice(*TRACE_SAMPLERS), "which traces to keep (over OTEL_TRACES_SAMPLER)"),
+    Option("trace_sampler_arg", None, _ratio,
+           "the ratio of a traceidratio sampler, 0 to 1 (over OTEL_TRACES_SAMPLER_ARG)"),
 )
 _DEFAULTS: Final = Settings()
 _FIELD_NAMES: Final = frozenset(f.name for f in fields(Settings))

@@ -26,6 +26,8 @@ from gateway.tls import build_server_context, tls_fingerprint
 RESTART_ONLY: tuple[str, ...] = (
     "host", "port", "admin_port", "workers", "schedule_type", "upstream_client", "upstream_max_connections",
     "upstream_max_idle", "upstream_idle_timeout_s", "log_format", "metrics_multiproc_dir", "config_path",
+    # the span exporter is built once, at startup (tracing.py)
+    "trace_exporter", "trace_endpoint", "trace_sampler", "trace_sampler_arg",
 )
 
 

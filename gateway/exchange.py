@@ -8,11 +8,14 @@ from __future__ import annotations
 import itertools
 import os
 import time
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from gateway.errors import GatewayError
 from gateway.jsonrpc import PEEK_BYTES
 from gateway.streams import OpenStream
+
+if TYPE_CHECKING:
+    from gateway.tracing import RequestSpan
 
 # Outcomes, the `outcome` field of the access log line.
 OK: Final = "ok"
@@ -46,6 +49,7 @@ class Exchange:
         "outcome",
         "request_id",
         "response_head",
+        "span",
         "started",
         "status",
         "stream",
@@ -71,6 +75,7 @@ class Exchange:
         self.bytes_out = 0  # relayed response body bytes
         self.counted_as: str | None = None  # the --max-inflight-per-target key it holds (limits.py)
         self.stream: OpenStream | None = None  # the SSE stream it relays (streams.py)
+        self.span: RequestSpan | None = None  # its server span, when tracing is on (tracing.py)
 
     def keep_body_chunk(self, chunk: bytes) -> None:
         """Keep the first bytes of a streamed request body, for the rpc_method label only."""

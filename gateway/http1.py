@@ -81,6 +81,7 @@ class UpstreamConnection(asyncio.Protocol):
     def __init__(self, loop: asyncio.AbstractEventLoop, key: PoolKey, pool: Pool[UpstreamConnection]) -> None:
         self.key = key
         self.reused = False
+        self.connected_ns = 0  # time.time_ns() once connected, for traces
         self.idle_since = 0.0
         self.idle_until = _FOREVER  # sooner when the upstream announces its own Keep-Alive timeout
         self.lost = False
@@ -117,6 +118,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
+        self.connected_ns = time.time_ns()
 
     def data_received(self, data: bytes) -> None:
         if self.idle:  # nothing was asked: an upstream that talks now is broken
@@ -407,6 +409,10 @@ class Http1Response:
         connection, self._connection = self._connection, None
         if connection is not None:
             self._client.give_back(connection)
+
+    def connected_ns(self) -> int:
+        connection = self._connection
+        return -1 if connection is None else 0 if connection.reused else connection.connected_ns
 
 
 async def resolve_with_getaddrinfo(host: str, port: int) -> list[str]:

@@ -29,7 +29,8 @@ from gateway.exchange import (
 from gateway.headers import ENV_INSTANCE_ID, REQUEST_ID
 from gateway.jsonrpc import rpc_method
 from gateway.messages import Request, Response, StreamResponse
-from gateway.metrics import Metrics, upstream_error_kind
+from gateway.metrics import Metrics, endpoint, upstream_error_kind
+from gateway.tracing import TRACEPARENT, Tracing, parse_traceparent
 
 # nginx's code for a request whose client left before the response started.
 CLIENT_CLOSED_STATUS: Final = 499
@@ -179,8 +180,9 @@ class AccessLog:
     together: the same work, done in one warm loop instead of between two requests.
     """
 
-    def __init__(self, settings: Settings, metrics: Metrics, engine: str) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics, engine: str, tracing: Tracing | None = None) -> None:
         self._line = AccessLine()
+        self._tracing = tracing
         self._metrics = metrics
         self._engine = engine
         self._engine_json = json_string(engine)
@@ -191,7 +193,10 @@ class AccessLog:
     def exchange(self, request: Request) -> Exchange:
         """The record of a request that has just arrived; its id is the caller's X-Request-ID or a new one."""
         request_id = request.headers.get(REQUEST_ID) or new_request_id()
-        return Exchange(request_id[:_MAX_FIELD_CHARS], self._log_body_bytes)
+        exchange = Exchange(request_id[:_MAX_FIELD_CHARS], self._log_body_bytes)
+        if self._tracing is not None:
+            exchange.span = self._tracing.start(request)
+        return exchange
 
     def finished(self, request: Request, exchange: Exchange, response: Response | StreamResponse | None) -> None:
         """The handler returned or raised: the request is accounted at the end of this loop pass."""
@@ -241,10 +246,23 @@ class AccessLog:
         self._metrics.observe(method, request.path, status, label, elapsed_ms, exchange, bytes_in, refused_reason,
                               instance_id)
         level = "warning" if exchange.outcome in (UPSTREAM_ERROR, INTERNAL_ERROR) else "info"
+        trace_id = span_id = ""
+        span = exchange.span
+        if span is not None:
+            span.end(status, method, label, exchange.outcome, error.code if error is not None else "",
+                     exchange.upstream_error, exchange.is_stream, endpoint(request.path), exchange.body_head,
+                     elapsed_ms)
+            trace_id, span_id = span.trace_id, span.span_id
+        else:
+            traceparent = request.headers.get(TRACEPARENT)
+            if traceparent is not None:  # no span of ours: the caller's ids join the line to its trace
+                caller = parse_traceparent(traceparent)
+                if caller is not None:
+                    trace_id, span_id = caller.trace_id, caller.span_id
         if self._line.fast and not self._log_body_bytes:
             self._line.add_request(_request_line(
                 timestamp, level, exchange, method, request.path[:_MAX_FIELD_CHARS], status, elapsed_ms, bytes_in,
-                bytes_out, instance_id, label, self._engine_json), level)
+                bytes_out, instance_id, label, self._engine_json, trace_id, span_id), level)
             return
         fields: dict[str, Any] = {
             "request_id": exchange.request_id,
@@ -267,6 +285,8 @@ class AccessLog:
         if error is not None:
             fields["code"] = error.code
             fields["error"] = error.message
+        if trace_id:
+            fields["trace_id"], fields["span_id"] = trace_id, span_id
         if self._log_body_bytes:
             if exchange.body_head:
                 fields["request_body"] = redact_body(exchange.body_head[:self._log_body_bytes], self._secrets)
@@ -281,7 +301,7 @@ _CLOSE: Final = "}"
 
 def _request_line(timestamp: str, level: str, exchange: Exchange, method: str, path: str, status: int,
                   elapsed_ms: float, bytes_in: int, bytes_out: int, instance_id: str, rpc_method: str,
-                  engine_json: str) -> str:
+                  engine_json: str, trace_id: str = "", span_id: str = "") -> str:
     """The access line as AccessLine.add writes it from the fields dict, member for member, in one string:
     a fifth of the cost of building the dict and joining its members (docs/performance.md)."""
     tail = ',"stream":true' if exchange.is_stream else ""
@@ -290,6 +310,8 @@ def _request_line(timestamp: str, level: str, exchange: Exchange, method: str, p
     error = exchange.error
     if error is not None:
         tail += f',"code":{json_string(error.code)},"error":{json_string(error.message)}'
+    if trace_id:  # lowercase hex, checked by tracing.parse_traceparent or made by the gateway: nothing to escape
+        tail += f',"trace_id":"{trace_id}","span_id":"{span_id}"'
     latency_ms = repr(round(elapsed_ms, 3))  # as json.dumps writes a float
     # No {{ in these f-strings: mypyc compiles one with an escaped brace into a str.format() call per field.
     return (f'{_OPEN}"timestamp":"{timestamp}","level":"{level}","event":"request",'

@@ -140,6 +140,7 @@ class Metrics:
     requests: Counter
     duration_ms: Histogram
     active_streams: Gauge
+    draining: Gauge
     upstream_errors: Counter
     refused: Counter
     relayed_bytes: Counter
@@ -171,6 +172,9 @@ class Metrics:
                                   request_labels, registry=registry, buckets=DURATION_BUCKETS_MS),
             active_streams=Gauge("aenv_gateway_active_streams", "SSE streams being relayed now",
                                  registry=registry, multiprocess_mode="livesum"),
+            draining=Gauge("aenv_gateway_draining",
+                           "1 from SIGTERM/SIGINT until the process exits (the drain), else 0",
+                           registry=registry, multiprocess_mode="livemax"),
             upstream_errors=Counter("aenv_gateway_upstream_errors_total", "Upstream failures by kind",
                                     ("kind",), registry=registry),
             refused=Counter("aenv_gateway_refused_requests_total",

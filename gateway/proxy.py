@@ -56,6 +56,9 @@ class Proxy:
         upstream_headers = upstream_request_headers(request.headers, target.added_headers)
         upstream_headers[REQUEST_ID] = exchange.request_id
         upstream_headers.add(VIA, self.via_mark)  # the loop guard's mark (via.py)
+        span = exchange.span
+        if span is not None:  # tracing: the upstream's traceparent names the gateway's span
+            span.forwarding(upstream_headers, target.url)
         assert self.upstream is not None, "the app has not started"
         if request.body_exists and request.expects_continue() and not request.content.total_bytes:
             # RFC 9110 §10.1.1: sent once the request is going to be forwarded, so that a refusal
@@ -67,6 +70,8 @@ class Proxy:
                 request.method, target.url, upstream_headers, await self._request_body(request, exchange)
             )
         exchange.upstream_ms = (time.perf_counter() - forwarded_at) * 1000
+        if span is not None:
+            span.responded(upstream_response.connected_ns())
         try:  # a downstream gone mid-response raises ConnectionResetError: the access line records it
             return await self._relay_response(request, exchange, upstream_response)
         finally:

@@ -52,6 +52,10 @@ class UpstreamResponse(Protocol):
     def release(self) -> None:
         """Give the connection back to the pool, or close it if the body was not read to the end."""
 
+    def connected_ns(self) -> int:
+        """For traces: when the connection carrying this exchange was opened (time.time_ns()); 0 when it
+        was taken from the pool, -1 when the transport cannot tell."""
+
 
 class UpstreamClient(Protocol):
     """Sends one request. An exception raised by the body iterator (a GatewayError such as
@@ -100,6 +104,9 @@ class AiohttpResponse:
 
     def release(self) -> None:
         self._response.release()
+
+    def connected_ns(self) -> int:
+        return -1  # aiohttp's client does not say when it connected
 
 
 class PolicyResolver(AbstractResolver):

@@ -468,10 +468,10 @@ texts = st.text(max_size=40)
 @given(request_id=texts, path=texts, instance_id=texts, target=texts, message=texts,
        status=st.integers(100, 599), elapsed_ms=st.floats(0, 1e7), bytes_in=st.integers(0, 2**40),
        bytes_out=st.integers(0, 2**40), is_stream=st.booleans(), upstream_error=st.sampled_from(("", "timeout")),
-       refused=st.booleans())
+       refused=st.booleans(), traced=st.booleans())
 def test_the_rendered_request_line_is_the_one_the_fields_would_make(
     request_id: str, path: str, instance_id: str, target: str, message: str, status: int, elapsed_ms: float,
-    bytes_in: int, bytes_out: int, is_stream: bool, upstream_error: str, refused: bool,
+    bytes_in: int, bytes_out: int, is_stream: bool, upstream_error: str, refused: bool, traced: bool,
 ) -> None:
     exchange = Exchange(request_id)
     exchange.target, exchange.is_stream, exchange.upstream_error = target, is_stream, upstream_error
@@ -487,12 +487,16 @@ def test_the_rendered_request_line_is_the_one_the_fields_would_make(
         fields["upstream_error"] = upstream_error
     if refused:
         fields["code"], fields["error"] = "unauthorized", message
+    trace_id, span_id = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7") if traced else ("", "")
+    if traced:
+        fields["trace_id"], fields["span_id"] = trace_id, span_id
     stream = io.StringIO()
     configure_logging("json", stream=stream, cache=False)
     line = AccessLine()
     line.add("info", fields, "2026-12-01T00:00:00.000001Z")
     line.add_request(_request_line("2026-12-01T00:00:00.000001Z", "info", exchange, "POST", path, status, elapsed_ms,
-                                   bytes_in, bytes_out, instance_id, "tools/call", json.dumps("k8s")), "info")
+                                   bytes_in, bytes_out, instance_id, "tools/call", json.dumps("k8s"), trace_id,
+                                   span_id), "info")
     line.flush()
 
     from_fields, rendered = stream.getvalue().splitlines()
