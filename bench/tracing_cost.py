@@ -37,11 +37,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run import HERE, PY, ROOT, cpu_seconds, wait_port
+
 GATEWAY_CWD = [ROOT]  # where `python -m gateway` runs: its gateway/ package is the one imported
-PY = sys.executable
-TICKS = os.sysconf("SC_CLK_TCK")
 MODES = ("no-extra", "off", "on", "ratio")
 BODY = b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hi"}}}'
 # Imports the gateway with opentelemetry made unimportable, then runs it as `python -m gateway` would.
@@ -63,22 +62,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def wait_port(port: int, process: subprocess.Popen[bytes], limit_s: float = 300) -> None:
-    deadline = time.monotonic() + limit_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"tracing_cost: {process.args} exited with {process.returncode}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return
-        time.sleep(0.1)
-    raise SystemExit(f"tracing_cost: nothing listens on {port} after {limit_s}s")
 
 
 @contextlib.contextmanager
