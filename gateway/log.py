@@ -303,7 +303,7 @@ def _request_line(timestamp: str, level: str, exchange: Exchange, method: str, p
                   elapsed_ms: float, bytes_in: int, bytes_out: int, instance_id: str, rpc_method: str,
                   engine_json: str, trace_id: str = "", span_id: str = "") -> str:
     """The access line as AccessLine.add writes it from the fields dict, member for member, in one string:
-    a fifth of the cost of building the dict and joining its members (docs/performance.md)."""
+    about half the instructions of building the dict and joining its members (docs/performance.md)."""
     tail = ',"stream":true' if exchange.is_stream else ""
     if exchange.upstream_error:
         tail += f',"upstream_error":{json_string(exchange.upstream_error)}'
